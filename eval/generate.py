@@ -1,0 +1,52 @@
+"""Sample a text-to-image pipeline into GenEval's folder layout with deterministic per-image seeds.
+
+Image ``j`` of prompt ``i`` always starts from the noise of seed ``image_seed(seed, i, j)``, whatever
+the batch size or process count, so before/after comparisons share their initial noise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from eval.layout import write_prompt
+
+# Sampler settings of the shipped shapes models (documented in README).
+SHAPES_SAMPLER = {"num_inference_steps": 20, "guidance_scale": 4.0}
+
+
+def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
+    return seed * 1_000_003 + prompt_index * 1_000 + image_index
+
+
+def latent_shape(pipe) -> tuple[int, int, int]:
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    size = denoiser.config.sample_size
+    return denoiser.config.in_channels, size, size
+
+
+def initial_noise(pipe, seeds: list[int]) -> torch.Tensor:
+    shape = latent_shape(pipe)
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+def generate(pipe, records: list[dict], out: str | Path, images_per_prompt: int = 4, seed: int = 0,
+             batch_size: int = 32, progress: bool = True, **sampler) -> None:
+    """Write ``images_per_prompt`` samples of every record to ``out`` (GenEval layout)."""
+    sampler = {**SHAPES_SAMPLER, **sampler}
+    jobs = [(i, j) for i in range(len(records)) for j in range(images_per_prompt)]
+    images: dict[int, list] = {i: [] for i in range(len(records))}
+    bar = tqdm(total=len(jobs), desc="sampling", disable=not progress)
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        latents = initial_noise(pipe, [image_seed(seed, i, j) for i, j in chunk])
+        prompts = [records[i]["prompt"] for i, _ in chunk]
+        result = pipe(prompt=prompts, latents=latents.to(pipe.device, pipe.dtype), **sampler)
+        for (i, _), image in zip(chunk, result.images):
+            images[i].append(image)
+            if len(images[i]) == images_per_prompt:
+                write_prompt(out, i, records[i], images.pop(i))
+        bar.update(len(chunk))
+    bar.close()

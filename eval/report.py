@@ -1,0 +1,42 @@
+"""What people look at: per-category tables and sample grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffusers.utils import make_image_grid
+from PIL import Image
+
+from eval.layout import iter_images, load_image
+from eval.shapes.grammar import TAGS
+
+
+def category_table(summaries: dict[str, dict]) -> str:
+    """A markdown table, one row per run (e.g. model), one column per GenEval task + overall."""
+    tags = [t for t in TAGS if any(t in s["tasks"] for s in summaries.values())]
+    header = "| run | " + " | ".join(tags) + " | overall |"
+    lines = [header, "|" + "---|" * (len(tags) + 2)]
+    for name, s in summaries.items():
+        cells = [f"{s['tasks'][t]['score']:.3f}" if t in s["tasks"] else "-" for t in tags]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['overall']:.3f} |")
+    return "\n".join(lines)
+
+
+def folder_grid(images: str | Path, out: str | Path, per_prompt: int = 1, cols: int = 8,
+                max_prompts: int = 64) -> Path:
+    """A grid of the first ``per_prompt`` samples of up to ``max_prompts`` prompts."""
+    picked, seen = [], {}
+    for filename, metadata, path in iter_images(images):
+        folder = filename.split("/")[0]
+        if seen.get(folder, 0) < per_prompt and len(seen) <= max_prompts:
+            seen[folder] = seen.get(folder, 0) + 1
+            if len(seen) <= max_prompts:
+                picked.append(load_image(path))
+    rows = -(-len(picked) // cols)
+    blank = Image.new("RGB", picked[0].size, (255, 255, 255))
+    picked += [blank] * (rows * cols - len(picked))
+    grid = make_image_grid(picked, rows=rows, cols=cols)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    return out

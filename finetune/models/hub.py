@@ -1,0 +1,49 @@
+"""Where models come from: short names of the shipped shapes models, local folders, hub ids."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ASSETS = Path(os.environ.get("DIFFRL_ASSETS", Path(__file__).resolve().parents[2] / "assets"))
+SHIPPED = ("shapes-sd", "shapes-flow")
+
+
+def resolve(name_or_path: str | os.PathLike) -> str:
+    """A shipped short name -> its folder; a local folder -> itself; anything else is a hub id.
+
+    Raises a clear error for a path that does not exist (a hub id has exactly one '/' and no
+    leading '.', '/' or '~').
+    """
+    text = str(name_or_path)
+    if text in SHIPPED:
+        folder = ASSETS / text
+        if not (folder / "model_index.json").exists():
+            raise FileNotFoundError(
+                f"shipped model {text!r} not found in {ASSETS}; rebuild it with "
+                "launch/pretrain_shapes.sh or set DIFFRL_ASSETS to the folder holding it")
+        return str(folder)
+    if Path(text).expanduser().exists():
+        return str(Path(text).expanduser())
+    looks_like_path = text.startswith((".", "/", "~")) or text.count("/") != 1
+    if looks_like_path:
+        raise FileNotFoundError(
+            f"model path {text!r} does not exist; pass a local diffusers folder, a hub id "
+            f"(owner/name, needs the hub or its cache) or one of {', '.join(SHIPPED)}")
+    return text
+
+
+def load_pipeline(name_or_path: str, torch_dtype=None):
+    """Load any diffusers text-to-image pipeline; the class comes from its model_index.json."""
+    from diffusers import DiffusionPipeline
+
+    location = resolve(name_or_path)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(location, torch_dtype=torch_dtype)
+    except OSError as err:
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(err).lower():
+            raise OSError(f"could not load {name_or_path!r} offline: {err}. Pass a local path "
+                          "to a downloaded diffusers folder instead.") from err
+        raise
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,162 @@
+"""Pretrain the shipped shapes-world base models on rendered ground truth, on CPU.
+
+    python launch/pretrain_shapes.py --stage vae    # data + shared VAE + tokenizer  (~6 min)
+    python launch/pretrain_shapes.py --stage sd     # shapes-sd   (StableDiffusionPipeline)
+    python launch/pretrain_shapes.py --stage flow   # shapes-flow (StableDiffusion3Pipeline)
+
+``sd`` and ``flow`` only need the ``vae`` stage's cache, so they can run side by side, one core
+each (``launch/pretrain_shapes.sh`` does that). Steps, not wall-clock, bound every stage, so a seed
+gives the same weights on any machine. Results go to ``assets/shapes-sd`` and ``assets/shapes-flow``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from diffusers.training_utils import EMAModel
+
+from eval.shapes import grammar, render
+from finetune.models import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tag_balanced_prompts(n: int, seed: int) -> list[dict]:
+    """Pick a tag uniformly, then a train-split prompt of that tag uniformly."""
+    by_tag: dict[str, list[dict]] = {}
+    for record in grammar.split("train"):
+        by_tag.setdefault(record["tag"], []).append(record)
+    rng = random.Random(seed)
+    return [rng.choice(by_tag[rng.choice(grammar.TAGS)]) for _ in range(n)]
+
+
+def to_tensor(images) -> torch.Tensor:
+    array = np.stack([np.asarray(im, dtype=np.float32) / 127.5 - 1.0 for im in images])
+    return torch.from_numpy(array).permute(0, 3, 1, 2)
+
+
+def log(stage: str, step: int, total: int, loss: float, started: float) -> None:
+    print(f"[{stage}] step {step}/{total} loss {loss:.4f} ({time.time() - started:.0f}s)", flush=True)
+
+
+def stage_vae(args) -> None:
+    cache = args.work / "cache.pt"
+    records = tag_balanced_prompts(args.images, args.seed)
+    started = time.time()
+    images = to_tensor([render.render(r, seed=args.seed * 1_000_003 + i)[0] for i, r in enumerate(records)])
+    print(f"[vae] rendered {len(images)} images in {time.time() - started:.0f}s", flush=True)
+
+    torch.manual_seed(args.seed)
+    vae = tiny.vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(args.seed)
+    started = time.time()
+    for step in range(1, args.vae_steps + 1):
+        x = images[torch.randint(len(images), (args.batch,), generator=gen)]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(gen)).sample
+        # L1 keeps edges crisp; a tiny KL keeps the latent space smooth, as in SD's autoencoder.
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == args.vae_steps:
+            log("vae", step, args.vae_steps, loss.item(), started)
+
+    vae.eval()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()), shift_factor=float(latents.mean()))
+    print(f"[vae] latents {tuple(latents.shape)}, mean {latents.mean():.3f}, std {latents.std():.3f}")
+    tok_dir = args.work / "tokenizer"
+    tiny.write_tokenizer(tok_dir)
+    vae.save_pretrained(args.work / "vae")
+    torch.save({"latents": latents, "prompts": [r["prompt"] for r in records]}, cache)
+
+
+def stage_denoiser(args, family: str) -> None:
+    cache = torch.load(args.work / "cache.pt", weights_only=True)
+    latents, prompts = cache["latents"], cache["prompts"]
+    torch.manual_seed(args.seed)
+    if family == "sd":
+        pipe = tiny.sd_pipeline(tokenizer_dir=args.work / "tokenizer")
+        denoiser = pipe.unet
+    else:
+        pipe = tiny.sd3_pipeline(tokenizer_dir=args.work / "tokenizer")
+        denoiser = pipe.transformer
+    pipe.vae = AutoencoderKL.from_pretrained(args.work / "vae")
+    shift = pipe.vae.config.shift_factor if family == "flow" else 0.0
+    latents = (latents - shift) * pipe.vae.config.scaling_factor
+    encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
+    params = list(denoiser.parameters()) + [p for m in encoders for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
+    ema = EMAModel(params, decay=0.999, use_ema_warmup=True)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    rng = random.Random(args.seed + 2)
+    steps = args.sd_steps if family == "sd" else args.flow_steps
+    for module in [denoiser, *encoders]:
+        module.train()
+    started = time.time()
+    for step in range(1, steps + 1):
+        idx = torch.randint(len(latents), (args.batch,), generator=gen)
+        x0 = latents[idx]
+        # Drop 10% of prompts so that classifier-free guidance has an unconditional model.
+        batch_prompts = ["" if rng.random() < 0.1 else prompts[i] for i in idx.tolist()]
+        noise = torch.randn(x0.shape, generator=gen)
+        if family == "sd":
+            cond, _ = pipe.encode_prompt(batch_prompts, "cpu", 1, False)
+            t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(x0),), generator=gen)
+            x_t = pipe.scheduler.add_noise(x0, noise, t)
+            loss = F.mse_loss(denoiser(x_t, t, cond).sample, noise)
+        else:
+            cond, _, pooled, _ = pipe.encode_prompt(batch_prompts, batch_prompts, None, "cpu", 1, False)
+            # SD3's logit-normal time sampling; the velocity target of rectified flow is eps - x0.
+            t = torch.sigmoid(torch.randn(len(x0), generator=gen))
+            x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+            pred = denoiser(x_t, cond, pooled, t * 1000).sample
+            loss = F.mse_loss(pred, noise - x0)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema.step(params)
+        if step % 100 == 0 or step == steps or step == 5:
+            log(family, step, steps, loss.item(), started)
+    ema.copy_to(params)
+    out = ROOT / "assets" / ("shapes-sd" if family == "sd" else "shapes-flow")
+    pipe.save_pretrained(out, safe_serialization=True)
+    print(f"[{family}] saved {out}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", choices=["vae", "sd", "flow"], required=True)
+    ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "pretrain")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--images", type=int, default=16000)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--vae-steps", type=int, default=600)
+    ap.add_argument("--sd-steps", type=int, default=2500)
+    ap.add_argument("--flow-steps", type=int, default=2500)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.stage == "vae":
+        stage_vae(args)
+    else:
+        stage_denoiser(args, args.stage)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""The shapes-world commands end to end: prompts -> render -> eval geneval."""
+
+import json
+
+import pytest
+
+from finetune.cli import main
+
+
+def test_prompts_render_and_score_ground_truth(tmp_path, capsys):
+    meta = tmp_path / "eval.jsonl"
+    assert main(["shapes", "prompts", "--split", "eval", "--out", str(meta)]) == 0
+    assert len(meta.read_text().splitlines()) == 62
+    images = tmp_path / "gt"
+    assert main(["shapes", "render", "--metadata", str(meta), "--out", str(images), "--images-per-prompt", "2"]) == 0
+    assert (images / "00000" / "metadata.jsonl").exists()
+    assert (images / "00061" / "samples" / "0001.png").exists()
+    out = tmp_path / "scores" / "results.jsonl"
+    capsys.readouterr()
+    assert main(["eval", "geneval", "--images", str(images), "--backend", "shapes", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1].startswith("Overall score (avg. over tasks): ")
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 124
+    assert set(rows[0]) == {"filename", "tag", "prompt", "correct", "reason", "metadata", "details"}
+    assert rows[0]["filename"] == "00000/samples/0000.png"
+    summary = json.loads((out.parent / "results_summary.json").read_text())
+    assert summary["overall"] == pytest.approx(float(printed[-1].split(": ")[1]), abs=1e-5)
+    assert summary["overall"] >= 0.99
+
+
+def test_clear_errors_for_bad_input(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"tag": "colors", "include": [], "prompt": "x"}\n{"tag": \n')
+    assert main(["shapes", "render", "--metadata", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "img.png").write_bytes(b"")
+    assert main(["eval", "geneval", "--images", str(tmp_path / "flat"), "--out", str(tmp_path / "r.jsonl")]) == 2
+    assert "GenEval's layout" in capsys.readouterr().err
+    assert main(["eval", "geneval", "--images", str(tmp_path), "--backend", "yolo", "--out", "r.jsonl"]) == 2
+    assert "unknown detector backend 'yolo'; available: shapes" in capsys.readouterr().err
+    assert main(["sample", "--model", "./no/such/model", "--metadata", str(bad), "--out", "x"]) == 2
+    assert "model path './no/such/model' does not exist" in capsys.readouterr().err
