@@ -106,8 +106,12 @@ def relative_position(box_a: Sequence[float], box_b: Sequence[float],
 
 
 def evaluate(detected: dict[str, list[Detection]], metadata: dict,
-             classify_colors: Callable[[list[Detection], str], list[str]]) -> tuple[bool, str]:
-    """Apply the include/exclude rules to already-selected detections; returns (correct, reason)."""
+             classify_colors: Callable[[list[Detection], str], list[str]]) -> tuple[bool, str, list[bool]]:
+    """Apply the include/exclude rules to already-selected detections.
+
+    Returns (correct, reason, clauses): ``clauses`` says which include and exclude clauses hold,
+    in order (used for partial credit; GenEval itself only reports ``correct``).
+    """
     correct = True
     reasons = []
     matched_groups: list[list[Detection] | None] = []
@@ -143,20 +147,26 @@ def evaluate(detected: dict[str, list[Detection]], metadata: dict,
                         if not matched:
                             break
         matched_groups.append(found if matched else None)
+    clauses = [group is not None for group in matched_groups]
     for req in metadata.get("exclude", []):
         classname = req["class"]
-        if len(detected.get(classname, [])) >= req["count"]:
+        clauses.append(len(detected.get(classname, [])) < req["count"])
+        if not clauses[-1]:
             correct = False
             reasons.append(f"expected {classname}<{req['count']}, found {len(detected[classname])}")
-    return correct, "\n".join(reasons)
+    return correct, "\n".join(reasons), clauses
 
 
-def evaluate_image(backend: DetectorBackend, image, metadata: dict, filename: str = "") -> dict:
-    """One row of GenEval's results.jsonl for ``image`` generated from ``metadata``."""
+def evaluate_image(backend: DetectorBackend, image, metadata: dict, filename: str = "",
+                   with_clauses: bool = False) -> dict:
+    """One row of GenEval's results.jsonl for ``image`` generated from ``metadata``.
+
+    ``with_clauses`` adds the per-clause outcomes (not an official column) for partial credit.
+    """
     detected = select_detections(backend.detect(image), metadata["tag"])
-    correct, reason = evaluate(
+    correct, reason, clauses = evaluate(
         detected, metadata, lambda dets, cls: backend.classify_colors(image, dets, cls))
-    return {
+    row = {
         "filename": filename,
         "tag": metadata["tag"],
         "prompt": metadata["prompt"],
@@ -166,6 +176,9 @@ def evaluate_image(backend: DetectorBackend, image, metadata: dict, filename: st
         "details": json.dumps({cls: [[float(v) for v in d.box] + [float(d.score)] for d in dets]
                                for cls, dets in detected.items()}),
     }
+    if with_clauses:
+        row["clauses"] = clauses
+    return row
 
 
 def summarize(results: list[dict]) -> dict:

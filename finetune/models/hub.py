@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -38,8 +39,15 @@ def load_pipeline(name_or_path: str, torch_dtype=None):
     from diffusers import DiffusionPipeline
 
     location = resolve(name_or_path)
+    kwargs = {}
+    index = Path(location) / "model_index.json"
+    if index.exists():
+        # SD3 saved without its optional T5 omits the entry; say so instead of failing to load.
+        components = json.loads(index.read_text())
+        if components.get("_class_name") == "StableDiffusion3Pipeline" and "text_encoder_3" not in components:
+            kwargs.update(text_encoder_3=None, tokenizer_3=None)
     try:
-        pipe = DiffusionPipeline.from_pretrained(location, torch_dtype=torch_dtype)
+        pipe = DiffusionPipeline.from_pretrained(location, torch_dtype=torch_dtype, **kwargs)
     except OSError as err:
         if os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(err).lower():
             raise OSError(f"could not load {name_or_path!r} offline: {err}. Pass a local path "

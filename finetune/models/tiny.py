@@ -102,7 +102,7 @@ def vae(channels: tuple[int, ...] = (16, 32, 32), latent_channels: int = 4, samp
         in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=channels,
         down_block_types=("DownEncoderBlock2D",) * len(channels),
         up_block_types=("UpDecoderBlock2D",) * len(channels),
-        layers_per_block=1, norm_num_groups=16, sample_size=sample_size, shift_factor=0.0,
+        layers_per_block=1, norm_num_groups=min(16, channels[0]), sample_size=sample_size, shift_factor=0.0,
     )
 
 

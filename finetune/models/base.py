@@ -1,0 +1,145 @@
+"""The interface every model family offers to samplers and objectives.
+
+A ``Policy`` wraps a diffusers pipeline. Its trainable part is ``denoiser`` (UNet or transformer,
+usually with a LoRA adapter); text encoders and VAE stay frozen. Conditioning is a dict of tensors
+with the batch first, so objectives can slice it like the latents.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Step:
+    """Result of one stochastic sampler step."""
+
+    prev_sample: torch.Tensor
+    log_prob: torch.Tensor  # (B,), averaged over latent dims
+    prev_sample_mean: torch.Tensor
+    std_dev_t: torch.Tensor
+
+
+def select(cond: dict[str, torch.Tensor], index) -> dict[str, torch.Tensor]:
+    return {k: v[index] for k, v in cond.items()}
+
+
+class Policy:
+    family: str  # "sd" (epsilon prediction, DDIM) or "flow" (velocity, Euler / SDE)
+    lora_modules: tuple[str, ...]
+
+    def __init__(self, pipe, guidance_scale: float, num_steps: int, noise: float):
+        self.pipe = pipe
+        self.guidance_scale = guidance_scale
+        self.num_steps = num_steps
+        self.noise = noise  # eta for DDIM, noise_level for the flow SDE
+        for module in (pipe.vae, *self.text_encoders()):
+            module.requires_grad_(False)
+        self.pipe.set_progress_bar_config(disable=True)
+        # What forward() calls: the denoiser itself, or its distributed wrapper while training.
+        self.net = self.denoiser
+        self._frozen_reference = None
+
+    # -- what each family implements -------------------------------------------------------
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def text_encoders(self) -> list[torch.nn.Module]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Prompt (and, with guidance, empty-prompt) embeddings."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict, guidance: bool) -> torch.Tensor:
+        """Raw denoiser output (eps or velocity) for a batch, classifier-free guided if asked."""
+        raise NotImplementedError
+
+    def step(self, model_output, t, x, prev_sample=None, generator=None, noise=None) -> Step:
+        raise NotImplementedError
+
+    def timesteps(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def latents_to_images(self, latents: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def save_lora(self, directory: str | Path) -> None:
+        raise NotImplementedError
+
+    # -- shared ----------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def use_guidance(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        return self.forward(x, t, cond, self.use_guidance)
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        c = self.denoiser.config
+        return c.in_channels, c.sample_size, c.sample_size
+
+    def initial_noise(self, seeds: list[int]) -> torch.Tensor:
+        shape = self.latent_shape()
+        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+        return torch.stack(noise).to(self.device)
+
+    def guided(self, out: torch.Tensor) -> torch.Tensor:
+        uncond, cond = out.chunk(2)
+        return uncond + self.guidance_scale * (cond - uncond)
+
+    def add_lora(self, rank: int, alpha: float, target_modules=None, init: str = "gaussian") -> None:
+        from peft import LoraConfig
+
+        config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init,
+                            target_modules=list(target_modules or self.lora_modules))
+        self.denoiser.requires_grad_(False)
+        self.denoiser.add_adapter(config)
+
+    @property
+    def has_lora(self) -> bool:
+        return bool(getattr(self.denoiser, "peft_config", None))
+
+    def freeze_reference(self) -> None:
+        """Keep the reference policy for KL terms: LoRA-disabled weights, or a frozen copy."""
+        if not self.has_lora:
+            import copy
+
+            self._frozen_reference = copy.deepcopy(self.denoiser).requires_grad_(False)
+
+    @contextlib.contextmanager
+    def reference(self):
+        """Within this block, ``predict`` uses the reference (pre-fine-tuning) denoiser."""
+        net = self.net
+        if self.has_lora:
+            self.denoiser.disable_adapters()
+            self.net = self.denoiser
+        elif self._frozen_reference is not None:
+            self.net = self._frozen_reference
+        else:
+            raise RuntimeError("no reference policy: call freeze_reference() before training")
+        try:
+            yield
+        finally:
+            if self.has_lora:
+                self.denoiser.enable_adapters()
+            self.net = net
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.denoiser.parameters() if p.requires_grad]
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(self.denoiser))

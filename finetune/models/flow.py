@@ -1,0 +1,111 @@
+"""Rectified-flow transformers (SD3/SD3.5-style): the ODE sampler turned into an SDE policy.
+
+Flow-GRPO (Liu et al., 2025, "Flow-GRPO: Training Flow Matching Models via Online RL") replaces
+the Euler ODE step of a velocity model v with an Euler-Maruyama step of an SDE with the same
+marginals. With sigma the current noise level, dt = sigma_next - sigma < 0 and a = noise_level:
+
+    sigma_t = a * sqrt(sigma / (1 - sigma))
+    mu      = x + [v + sigma_t^2 / (2 sigma) * (x + (1 - sigma) v)] dt
+    x_next  ~ N(mu, sigma_t^2 |dt| I)
+
+(at sigma = 1 the ratio uses the scheduler's second sigma instead, to stay finite). ``a = 0`` is
+the deterministic Euler step ``x + v dt``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from finetune.models.base import Policy, Step
+from finetune.models.sd import gaussian_log_prob
+
+
+def sigmas_at(scheduler, timestep, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma, sigma_next) for each timestep of a FlowMatchEulerDiscreteScheduler schedule."""
+    steps = torch.as_tensor(timestep).reshape(-1)
+    index = torch.tensor([scheduler.index_for_timestep(t) for t in steps])
+    sigmas = scheduler.sigmas.float()
+    shape = (-1, *([1] * (ndim - 1)))
+    return sigmas[index].reshape(shape), sigmas[index + 1].reshape(shape)
+
+
+def sde_step_with_logprob(scheduler, model_output: torch.Tensor, timestep, sample: torch.Tensor,
+                          noise_level: float = 0.7, prev_sample: torch.Tensor | None = None,
+                          generator: torch.Generator | None = None):
+    """One SDE step; returns (prev_sample, log_prob, prev_sample_mean, std_dev_t).
+
+    ``log_prob`` is log N(prev_sample; mean, (std_dev_t * sqrt(-dt))^2) averaged over non-batch
+    dims (0 when ``noise_level == 0``, where the step is the deterministic Euler step).
+    """
+    model_output, sample = model_output.float(), sample.float()
+    sigma, sigma_next = sigmas_at(scheduler, timestep, sample.ndim)
+    sigma, sigma_next = sigma.to(sample.device), sigma_next.to(sample.device)
+    sigma_max = scheduler.sigmas[1].float().item()
+    dt = sigma_next - sigma
+    std_dev_t = torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_max, sigma))) * noise_level
+    prev_sample_mean = (sample * (1 + std_dev_t**2 / (2 * sigma) * dt)
+                        + model_output * (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt)
+    if noise_level == 0:
+        return prev_sample_mean, torch.zeros(sample.shape[0], device=sample.device), prev_sample_mean, std_dev_t
+    step_std = std_dev_t * torch.sqrt(-dt)
+    if prev_sample is None:
+        noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        prev_sample = prev_sample_mean + step_std * noise
+    log_prob = gaussian_log_prob(prev_sample.detach().float(), prev_sample_mean, step_std)
+    return prev_sample, log_prob, prev_sample_mean, std_dev_t
+
+
+class FlowPolicy(Policy):
+    """StableDiffusion3Pipeline-style model: MMDiT velocity prediction, Euler / SDE steps.
+
+    FLUX shares the maths; its pipeline packs latents into 2x2 patches and has no negative
+    prompt by default, which this adapter does not cover yet.
+    """
+
+    family = "flow"
+    lora_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+    def __init__(self, pipe, guidance_scale: float = 4.0, num_steps: int = 20, noise_level: float = 0.7):
+        super().__init__(pipe, guidance_scale, num_steps, noise_level)
+
+    @property
+    def denoiser(self):
+        return self.pipe.transformer
+
+    def text_encoders(self):
+        return [m for m in (self.pipe.text_encoder, self.pipe.text_encoder_2, self.pipe.text_encoder_3)
+                if m is not None]
+
+    @torch.no_grad()
+    def encode(self, prompts):
+        prompts = list(prompts)
+        embeds, neg, pooled, neg_pooled = self.pipe.encode_prompt(
+            prompts, prompts, prompts, device=self.device, do_classifier_free_guidance=self.use_guidance)
+        cond = {"embeds": embeds, "pooled": pooled}
+        if self.use_guidance:
+            cond.update(neg=neg, neg_pooled=neg_pooled)
+        return cond
+
+    def forward(self, x, t, cond, guidance):
+        t = torch.as_tensor(t, device=x.device, dtype=x.dtype).reshape(-1).expand(len(x))
+        if not guidance:
+            return self.net(x, cond["embeds"], cond["pooled"], t).sample
+        out = self.net(torch.cat([x, x]), torch.cat([cond["neg"], cond["embeds"]]),
+                            torch.cat([cond["neg_pooled"], cond["pooled"]]), torch.cat([t, t])).sample
+        return self.guided(out)
+
+    def timesteps(self):
+        self.pipe.scheduler.set_timesteps(self.num_steps, device=self.device)
+        return self.pipe.scheduler.timesteps
+
+    def step(self, model_output, t, x, prev_sample=None, generator=None, noise=None):
+        level = self.noise if noise is None else noise
+        return Step(*sde_step_with_logprob(self.pipe.scheduler, model_output, t, x, level, prev_sample, generator))
+
+    def latents_to_images(self, latents):
+        vae = self.pipe.vae
+        latents = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        return (vae.decode(latents).sample.float() / 2 + 0.5).clamp(0, 1)
+
+    def save_lora(self, directory):
+        self.pipe.save_lora_weights(directory, transformer_lora_layers=self.lora_state_dict())

@@ -1,0 +1,119 @@
+"""Epsilon-prediction UNet pipelines (SD 1.x/2.x/XL-style): DDIM as a Gaussian policy.
+
+DDPO (Black et al., 2023, "Training Diffusion Models with Reinforcement Learning") treats each
+DDIM step with eta > 0 as a Gaussian policy over the previous latent:
+
+    x0_hat     = (x_t - sqrt(1 - abar_t) * eps) / sqrt(abar_t)
+    sigma_t    = eta * sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
+    mu_t       = sqrt(abar_prev) * x0_hat + sqrt(1 - abar_prev - sigma_t^2) * eps
+    x_{t-1}    ~ N(mu_t, sigma_t^2 I)
+
+and the log-density of ``x_{t-1}`` under it is the policy's log-probability of that action.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from finetune.models.base import Policy, Step
+
+
+def _per_sample(values: torch.Tensor, timestep, ndim: int) -> torch.Tensor:
+    t = torch.as_tensor(timestep, device=values.device).long().reshape(-1)
+    # Negative indices mean "before the first training step": diffusers uses final_alpha_cumprod.
+    return values[t.clamp(min=0)].reshape(-1, *([1] * (ndim - 1))), t.reshape(-1, *([1] * (ndim - 1)))
+
+
+def ddim_step_with_logprob(scheduler, model_output: torch.Tensor, timestep, sample: torch.Tensor,
+                           eta: float = 1.0, prev_sample: torch.Tensor | None = None,
+                           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step that also returns log p(prev_sample | sample), averaged over non-batch dims.
+
+    ``timestep`` is a scalar or one timestep per batch element (a DDIMScheduler timestep after
+    ``set_timesteps``). If ``prev_sample`` is given, it is scored instead of sampled. With
+    ``eta == 0`` the step is deterministic (diffusers' DDIM) and the returned log-prob is 0.
+    """
+    if scheduler.config.prediction_type != "epsilon":
+        raise ValueError(f"ddim_step_with_logprob supports epsilon prediction, the scheduler predicts "
+                         f"{scheduler.config.prediction_type!r}")
+    ndim = sample.ndim
+    model_output, sample = model_output.float(), sample.float()
+    alphas = scheduler.alphas_cumprod.to(sample.device)
+    step = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    alpha_t, t = _per_sample(alphas, timestep, ndim)
+    alpha_prev, t_prev = _per_sample(alphas, t - step, ndim)
+    alpha_prev = torch.where(t_prev >= 0, alpha_prev, torch.as_tensor(float(scheduler.final_alpha_cumprod)))
+
+    x0_hat = (sample - (1 - alpha_t).sqrt() * model_output) / alpha_t.sqrt()
+    variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
+    std_dev_t = eta * variance.sqrt()
+    prev_sample_mean = alpha_prev.sqrt() * x0_hat + (1 - alpha_prev - std_dev_t**2).sqrt() * model_output
+
+    if prev_sample is None:
+        noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        prev_sample = prev_sample_mean + std_dev_t * noise
+    if eta == 0:
+        return prev_sample_mean, torch.zeros(sample.shape[0], device=sample.device)
+    log_prob = gaussian_log_prob(prev_sample.detach().float(), prev_sample_mean, std_dev_t)
+    return prev_sample, log_prob
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, std^2) per element, averaged over all non-batch dimensions."""
+    log_prob = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return log_prob.mean(dim=tuple(range(1, x.ndim)))
+
+
+class SDPolicy(Policy):
+    """StableDiffusionPipeline-style model: UNet epsilon prediction, DDIM steps."""
+
+    family = "sd"
+    lora_modules = ("to_q", "to_k", "to_v", "to_out.0")
+
+    def __init__(self, pipe, guidance_scale: float = 4.0, num_steps: int = 20, eta: float = 1.0):
+        from diffusers import DDIMScheduler
+
+        if not isinstance(pipe.scheduler, DDIMScheduler):
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        super().__init__(pipe, guidance_scale, num_steps, eta)
+
+    @property
+    def denoiser(self):
+        return self.pipe.unet
+
+    def text_encoders(self):
+        return [self.pipe.text_encoder]
+
+    @torch.no_grad()
+    def encode(self, prompts):
+        embeds, neg = self.pipe.encode_prompt(list(prompts), self.device, 1, self.use_guidance)
+        cond = {"embeds": embeds}
+        if self.use_guidance:
+            cond["neg"] = neg
+        return cond
+
+    def forward(self, x, t, cond, guidance):
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(len(x))
+        if not guidance:
+            return self.net(x, t, cond["embeds"]).sample
+        out = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond["neg"], cond["embeds"]])).sample
+        return self.guided(out)
+
+    def timesteps(self):
+        self.pipe.scheduler.set_timesteps(self.num_steps, device=self.device)
+        return self.pipe.scheduler.timesteps
+
+    def step(self, model_output, t, x, prev_sample=None, generator=None, noise=None):
+        eta = self.noise if noise is None else noise
+        prev, log_prob = ddim_step_with_logprob(self.pipe.scheduler, model_output, t, x, eta, prev_sample, generator)
+        return Step(prev, log_prob, None, None)
+
+    def latents_to_images(self, latents):
+        vae = self.pipe.vae
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def save_lora(self, directory):
+        self.pipe.save_lora_weights(directory, unet_lora_layers=self.lora_state_dict(), safe_serialization=True)

@@ -1,0 +1,23 @@
+"""Objectives by config name. Each declares what its rollouts must record and which families it serves."""
+
+from __future__ import annotations
+
+import importlib
+
+OBJECTIVES = {
+    "ddpo": "finetune.objectives.ddpo:DDPO",
+    "flow_grpo": "finetune.objectives.ddpo:FlowGRPO",
+}
+
+
+def build_objective(name: str, family: str, **kwargs):
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r} (config field `objective.name`); "
+                         f"available: {', '.join(OBJECTIVES)}")
+    module, attr = OBJECTIVES[name].split(":")
+    cls = getattr(importlib.import_module(module), attr)
+    if family not in cls.families:
+        raise ValueError(f"objective {name!r} needs a {' or '.join(cls.families)} model, but `model.path` is a "
+                         f"{family} model; pick a matching model or objective "
+                         f"(e.g. ddpo for shapes-sd, flow_grpo for shapes-flow)")
+    return cls(**kwargs)
