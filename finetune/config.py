@@ -6,9 +6,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> DictConfig:
     path = Path(path)
+    if not path.exists() and (ROOT / path).exists():
+        path = ROOT / path  # recipes shipped in the repository, from any working directory
     if not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist")
     cfg = OmegaConf.load(path)

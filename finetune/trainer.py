@@ -10,6 +10,7 @@ run resumed from a checkpoint continues exactly as the uninterrupted run would h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -18,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, set_seed
+from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
@@ -35,10 +37,12 @@ def load_prompts(source: str) -> list[dict]:
     """``shapes:train`` / ``shapes:eval`` or a GenEval-style metadata jsonl."""
     from eval.shapes import grammar
 
-    records = grammar.split(source.split(":", 1)[1]) if source.startswith("shapes:") else grammar.read_jsonl(source)
-    if not records:
-        raise ValueError(f"prompt set {source!r} is empty (config field `prompts`)")
-    return records
+    try:
+        if source.startswith("shapes:"):
+            return grammar.split(source.split(":", 1)[1])
+        return grammar.read_jsonl(source)
+    except (ValueError, FileNotFoundError) as err:
+        raise type(err)(f"config field `prompts`: {err}") from None
 
 
 def epoch_generator(seed: int, epoch: int, rank: int, purpose: int) -> torch.Generator:
@@ -49,9 +53,10 @@ class Trainer:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
+        trackers = [name for name in ("tensorboard", "wandb") if cfg.log.get(name)]
         self.accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.train.mixed_precision,
-                                       log_with="tensorboard" if cfg.log.tensorboard else None,
-                                       project_dir=str(self.out))
+                                       log_with=trackers or None, project_dir=str(self.out))
+        set_seed(cfg.seed)  # LoRA initialisation draws from the global generator
         m = cfg.model
         self.policy = load_policy(m.path, m.guidance_scale, m.num_steps, m.noise)
         self.policy.pipe.to(self.accelerator.device)
@@ -71,6 +76,8 @@ class Trainer:
         optimizer = torch.optim.AdamW(self.params, lr=cfg.train.lr, betas=(0.9, 0.999),
                                       weight_decay=cfg.train.weight_decay, eps=1e-8)
         self.net, self.optimizer = self.accelerator.prepare(self.policy.denoiser, optimizer)
+        # Optional EMA of the trained weights: evaluated and exported instead of the raw weights.
+        self.ema = EMAModel(self.params, decay=cfg.train.ema_decay) if cfg.train.ema_decay else None
         a = cfg.advantage
         self.tracker = PerPromptStatTracker(a.buffer_size, a.min_count, a.global_std)
         self.history: list[dict] = []
@@ -83,7 +90,11 @@ class Trainer:
     def save(self, epoch: int) -> None:
         if self.accelerator.is_main_process:
             state = {"tracker": self.tracker.state_dict(), "history": self.history}
-            checkpoint.save(self.out / "checkpoints", epoch, self.trainable_state(), self.optimizer, state,
+            tensors = self.trainable_state()
+            if self.ema is not None:
+                state["ema_step"] = self.ema.optimization_step
+                tensors.update({f"ema/{name}": shadow for name, shadow in zip(list(tensors), self.ema.shadow_params)})
+            checkpoint.save(self.out / "checkpoints", epoch, tensors, self.optimizer, state,
                             keep=self.cfg.checkpoint.keep)
         self.accelerator.wait_for_everyone()
 
@@ -94,9 +105,12 @@ class Trainer:
         params, state = checkpoint.load(folder, self.optimizer)
         current = self.trainable_state()
         with torch.no_grad():
-            for name, value in params.items():
-                current[name].copy_(value)
+            for name, value in current.items():
+                value.copy_(params[name])
         self.tracker.load_state_dict(state["tracker"])
+        if self.ema is not None:
+            self.ema.optimization_step = state["ema_step"]
+            self.ema.shadow_params = [params[f"ema/{name}"].to(self.accelerator.device) for name in current]
         self.history = state["history"]
         self.start_epoch = state["epoch"]
         self.accelerator.print(f"resumed from {folder} at epoch {self.start_epoch}")
@@ -164,12 +178,27 @@ class Trainer:
                             acc.clip_grad_norm_(self.params, t_cfg.max_grad_norm)
                         self.optimizer.step()
                         self.optimizer.zero_grad()
+                        if acc.sync_gradients and self.ema is not None:
+                            self.ema.step(self.params)
                     for key, value in info.items():
                         logs.setdefault(key, []).append(float(value))
         self.policy.net = self.policy.denoiser
         return {k: float(np.mean(v)) for k, v in logs.items()}
 
     # -- evaluation ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Swap the EMA weights in (if EMA is on) for evaluation and export."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.params)
+
     @torch.no_grad()
     def evaluate(self, epoch: int) -> dict:
         """GenEval-shapes on the held-out prompts with the deterministic sampler (main process)."""
@@ -187,6 +216,7 @@ class Trainer:
         jobs = [(i, j) for i in range(len(self.eval_prompts)) for j in range(e.images_per_prompt)]
         rows, images = [], {}
         self.policy.net = self.policy.denoiser
+        train_steps, self.policy.num_steps = self.policy.num_steps, e.num_steps
         for start in range(0, len(jobs), self.cfg.sample.batch_size * 2):
             chunk = jobs[start:start + self.cfg.sample.batch_size * 2]
             noise = self.policy.initial_noise([image_seed(e.seed, i, j) for i, j in chunk])
@@ -194,6 +224,7 @@ class Trainer:
             for (i, j), image in zip(chunk, to_pil(ro.images)):
                 rows.append(geneval.evaluate_image(backend, image, self.eval_prompts[i], f"{i:05d}/samples/{j:04d}.png"))
                 images.setdefault(i, []).append(image)
+        self.policy.num_steps = train_steps
         for i, ims in images.items():
             write_prompt(folder / "images", i, self.eval_prompts[i], ims)
         summary = geneval.write_results(rows, folder / "results.jsonl")
@@ -205,7 +236,7 @@ class Trainer:
     def train(self) -> list[dict]:
         cfg, acc = self.cfg, self.accelerator
         self.maybe_resume()
-        if cfg.log.tensorboard:
+        if acc.log_with:
             acc.init_trackers("diffrl", config=flat_hparams(OmegaConf.to_container(cfg, resolve=True)))
         if self.start_epoch == 0 and cfg.eval.every and not self.history:
             self.history.append({"epoch": 0, "time": 0.0, **self.evaluate(0)})
@@ -218,22 +249,36 @@ class Trainer:
             stats.update(self.optimize(epoch, rollout, advantages))
             elapsed += time.time() - started
             record = {"epoch": epoch + 1, "time": elapsed, **stats}
-            if cfg.eval.every and ((epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.train.epochs):
-                record.update(self.evaluate(epoch + 1))
+            stop = self.budget_spent(elapsed)
+            last = epoch + 1 == cfg.train.epochs or stop
+            if cfg.eval.every and ((epoch + 1) % cfg.eval.every == 0 or last):
+                with self.ema_weights():
+                    record.update(self.evaluate(epoch + 1))
             self.history.append(record)
-            if cfg.log.tensorboard:
+            if acc.log_with:
                 acc.log({k: v for k, v in record.items() if isinstance(v, float)}, step=epoch + 1)
             bar.set_postfix(reward=f"{stats['reward_mean']:.3f}")
-            if (epoch + 1) % cfg.checkpoint.every == 0 or epoch + 1 == cfg.train.epochs:
+            if (epoch + 1) % cfg.checkpoint.every == 0 or last:
                 self.save(epoch + 1)
+            if stop:
+                acc.print(f"training budget of {cfg.train.max_minutes} min spent after {epoch + 1} epochs")
+                break
         self.finish()
         return self.history
+
+    def budget_spent(self, elapsed: float) -> bool:
+        """Whether ``train.max_minutes`` is used up; decided jointly so all processes stop together."""
+        if not self.cfg.train.max_minutes:
+            return False
+        spent = torch.tensor(float(elapsed >= 60 * self.cfg.train.max_minutes), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(spent, reduction="max") > 0)
 
     def finish(self) -> None:
         acc = self.accelerator
         if acc.is_main_process:
             if self.cfg.lora.enabled:
-                self.policy.save_lora(self.out / "lora")
+                with self.ema_weights():
+                    self.policy.save_lora(self.out / "lora")
             (self.out / "history.json").write_text(json.dumps(self.history, indent=1) + "\n")
             plot_curves(self.history, self.out / "curves.png")
         acc.wait_for_everyone()

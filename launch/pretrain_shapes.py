@@ -56,6 +56,8 @@ def stage_vae(args) -> None:
     torch.manual_seed(args.seed)
     vae = tiny.vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
+    # Cosine decay: the last few hundred steps at a low rate are what fix colours and edges.
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.vae_steps, eta_min=5e-5)
     gen = torch.Generator().manual_seed(args.seed)
     started = time.time()
     for step in range(1, args.vae_steps + 1):
@@ -67,6 +69,7 @@ def stage_vae(args) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
         if step % 100 == 0 or step == args.vae_steps:
             log("vae", step, args.vae_steps, loss.item(), started)
 
@@ -132,7 +135,7 @@ def stage_denoiser(args, family: str) -> None:
         if step % 100 == 0 or step == steps or step == 5:
             log(family, step, steps, loss.item(), started)
     ema.copy_to(params)
-    out = ROOT / "assets" / ("shapes-sd" if family == "sd" else "shapes-flow")
+    out = args.assets / ("shapes-sd" if family == "sd" else "shapes-flow")
     pipe.save_pretrained(out, safe_serialization=True)
     print(f"[{family}] saved {out}")
 
@@ -141,13 +144,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", choices=["vae", "sd", "flow"], required=True)
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "pretrain")
+    ap.add_argument("--assets", type=Path, default=ROOT / "assets", help="where the models are written")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--images", type=int, default=16000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--vae-steps", type=int, default=600)
-    ap.add_argument("--sd-steps", type=int, default=2500)
-    ap.add_argument("--flow-steps", type=int, default=2500)
+    ap.add_argument("--vae-steps", type=int, default=1200)
+    ap.add_argument("--sd-steps", type=int, default=2200)
+    ap.add_argument("--flow-steps", type=int, default=2200)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

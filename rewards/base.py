@@ -47,11 +47,14 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 def _builtins() -> None:
     # Importing the modules registers their rewards.
-    from rewards import geneval, jpeg, simple  # noqa: F401
+    from rewards import aesthetic, clipscore, geneval, hps, imagereward, jpeg, pickscore, simple  # noqa: F401
 
 
 def build_reward(spec) -> Reward:
-    """A reward from a name, ``{"name": n, **kwargs}``, or a ``{name: weight, ...}`` mix."""
+    """A reward from a name, ``{"name": n, **kwargs}``, or a ``{name: weight, ...}`` mix.
+
+    A name is a built-in, a ``module:attr`` reference, or an installed ``diffrl.rewards`` entry point.
+    """
     _builtins()
     if isinstance(spec, str):
         spec = {"name": spec}
@@ -61,9 +64,16 @@ def build_reward(spec) -> Reward:
 
         return WeightedMix({n: float(w) for n, w in spec.items()})
     name = spec.pop("name")
-    if name not in REGISTRY:
-        raise ValueError(f"unknown reward {name!r} (config field `reward`); available: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name](**spec)
+    factory = REGISTRY.get(name)
+    if factory is None:
+        # Not built in: a `module:attr` reference or the one entry point of that name (rewards/plugins.py).
+        from rewards.plugins import entry_point_names, resolve
+
+        factory = resolve(name)
+        if factory is None:
+            available = sorted(set(REGISTRY) | set(entry_point_names()))
+            raise ValueError(f"unknown reward {name!r} (config field `reward`); available: {', '.join(available)}")
+    return factory(**spec)
 
 
 def check_finite(scores: torch.Tensor, name: str) -> torch.Tensor:

@@ -65,7 +65,9 @@ class Policy:
         raise NotImplementedError
 
     def timesteps(self) -> torch.Tensor:
-        raise NotImplementedError
+        """The sampler's timesteps for ``num_steps`` steps (resets the scheduler)."""
+        self.pipe.scheduler.set_timesteps(self.num_steps, device=self.device)
+        return self.pipe.scheduler.timesteps
 
     def latents_to_images(self, latents: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

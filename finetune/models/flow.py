@@ -94,10 +94,6 @@ class FlowPolicy(Policy):
                             torch.cat([cond["neg_pooled"], cond["pooled"]]), torch.cat([t, t])).sample
         return self.guided(out)
 
-    def timesteps(self):
-        self.pipe.scheduler.set_timesteps(self.num_steps, device=self.device)
-        return self.pipe.scheduler.timesteps
-
     def step(self, model_output, t, x, prev_sample=None, generator=None, noise=None):
         level = self.noise if noise is None else noise
         return Step(*sde_step_with_logprob(self.pipe.scheduler, model_output, t, x, level, prev_sample, generator))
@@ -108,4 +104,7 @@ class FlowPolicy(Policy):
         return (vae.decode(latents).sample.float() / 2 + 0.5).clamp(0, 1)
 
     def save_lora(self, directory):
-        self.pipe.save_lora_weights(directory, transformer_lora_layers=self.lora_state_dict())
+        from peft.utils import get_peft_model_state_dict
+
+        # SD3's LoRA loader reads peft's own key names (no conversion, unlike the UNet's).
+        self.pipe.save_lora_weights(directory, transformer_lora_layers=get_peft_model_state_dict(self.denoiser))

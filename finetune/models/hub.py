@@ -42,10 +42,11 @@ def load_pipeline(name_or_path: str, torch_dtype=None):
     kwargs = {}
     index = Path(location) / "model_index.json"
     if index.exists():
-        # SD3 saved without its optional T5 omits the entry; say so instead of failing to load.
+        # Components saved as [null, null] (e.g. SD3 without its optional T5) must be passed as None.
         components = json.loads(index.read_text())
-        if components.get("_class_name") == "StableDiffusion3Pipeline" and "text_encoder_3" not in components:
-            kwargs.update(text_encoder_3=None, tokenizer_3=None)
+        kwargs = {k: None for k, v in components.items() if v == [None, None]}
+        if components.get("_class_name") == "StableDiffusion3Pipeline":
+            kwargs.update({k: None for k in ("text_encoder_3", "tokenizer_3") if k not in components})
     try:
         pipe = DiffusionPipeline.from_pretrained(location, torch_dtype=torch_dtype, **kwargs)
     except OSError as err:

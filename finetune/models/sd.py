@@ -101,10 +101,6 @@ class SDPolicy(Policy):
         out = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond["neg"], cond["embeds"]])).sample
         return self.guided(out)
 
-    def timesteps(self):
-        self.pipe.scheduler.set_timesteps(self.num_steps, device=self.device)
-        return self.pipe.scheduler.timesteps
-
     def step(self, model_output, t, x, prev_sample=None, generator=None, noise=None):
         eta = self.noise if noise is None else noise
         prev, log_prob = ddim_step_with_logprob(self.pipe.scheduler, model_output, t, x, eta, prev_sample, generator)

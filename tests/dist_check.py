@@ -1,0 +1,34 @@
+"""Run by test_distributed.py under `accelerate launch --multi_gpu --num_processes 2` (gloo, CPU).
+
+Each process writes what it saw: its prompts, the advantage tracker's state after gathering, and a
+checksum of its trainable parameters after one optimisation epoch.
+"""
+
+import hashlib
+import json
+import sys
+
+import torch
+
+from finetune.config import load_config
+from finetune.trainer import Trainer
+
+model, out = sys.argv[1], sys.argv[2]
+cfg = load_config("configs/ddpo_shapes_sd.yaml", [
+    f"model.path={model}", f"output_dir={out}", "cpu=true", "reward=brightness", "model.num_steps=3",
+    "sample.groups_per_epoch=2", "sample.group_size=4", "sample.batch_size=8", "train.batch_size=4",
+    "eval.every=0", "log.tensorboard=false", "advantage.per_epoch=false", "train.lr=1e-2"])
+trainer = Trainer(cfg)
+acc = trainer.accelerator
+before = {n: p.detach().clone() for n, p in trainer.trainable_state().items()}
+rollout, advantages, stats = trainer.collect(0)
+trainer.optimize(0, rollout, advantages)
+after = trainer.trainable_state()
+digest = hashlib.sha256(b"".join(after[n].detach().numpy().tobytes() for n in sorted(after))).hexdigest()
+report = {
+    "rank": acc.process_index, "world": acc.num_processes, "prompts": sorted(set(rollout.prompts)),
+    "tracker": trainer.tracker.state_dict(), "params": digest,
+    "moved": any(not torch.equal(before[n], after[n]) for n in after),
+}
+with open(f"{out}/rank{acc.process_index}.json", "w") as f:
+    json.dump(report, f)

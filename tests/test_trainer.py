@@ -1,0 +1,96 @@
+"""The trainer end to end on tiny random models: learning, resume, LoRA export, bad input."""
+
+import json
+
+import pytest
+import torch
+
+from finetune.config import load_config
+from finetune.models.hub import load_pipeline
+from finetune.trainer import Trainer
+from tests.helpers import tiny_sd, tiny_sd3
+
+CONFIGS = {"sd": "configs/ddpo_shapes_sd.yaml", "flow": "configs/flow_grpo_shapes_flow.yaml"}
+FAST = ["model.num_steps=3", "sample.groups_per_epoch=2", "sample.group_size=4", "sample.batch_size=8",
+        "train.batch_size=4", "eval.every=0", "log.tensorboard=false", "cpu=true", "reward=brightness"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    tiny_sd().save_pretrained(root / "sd")
+    tiny_sd3().save_pretrained(root / "flow")
+    return root
+
+
+def run(models, family, out, *overrides):
+    cfg = load_config(CONFIGS[family], FAST + [f"model.path={models / family}", f"output_dir={out}", *overrides])
+    trainer = Trainer(cfg)
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("family, extra", [("sd", []), ("flow", ["train.ema_decay=0.9"])])
+def test_resume_ends_with_the_same_parameters(models, tmp_path, family, extra):
+    full = run(models, family, tmp_path / "full", "train.epochs=3", *extra)
+    run(models, family, tmp_path / "cut", "train.epochs=2", *extra)  # stops after epoch 2's checkpoint
+    resumed = run(models, family, tmp_path / "cut", "train.epochs=3", *extra)
+    assert resumed.start_epoch == 2
+    a, b = full.trainable_state(), resumed.trainable_state()
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert [h["reward_mean"] for h in resumed.history] == [h["reward_mean"] for h in full.history]
+    if full.ema is not None:
+        assert all(torch.equal(x, y) for x, y in zip(full.ema.shadow_params, resumed.ema.shadow_params))
+    # The parameters moved at all (otherwise equality would prove nothing).
+    fresh = run(models, family, tmp_path / "zero", "train.epochs=0")
+    assert any(not torch.equal(a[n], fresh.trainable_state()[n]) for n in a)
+
+
+@pytest.mark.parametrize("family", ["sd", "flow"])
+def test_saved_lora_loads_into_a_fresh_pipeline(models, tmp_path, family):
+    trainer = run(models, family, tmp_path / "run", "train.epochs=1", "train.lr=1e-2")
+    policy = trainer.policy
+    noise = policy.initial_noise([11, 12])
+    prompts = ["a photo of a red circle", "a photo of two stars"]
+    from finetune.rollout import sample
+
+    ours = sample(policy, prompts, noise, stochastic=False).images
+    pipe = load_pipeline(str(models / family))
+    base = pipe(prompt=prompts, latents=noise.clone(), num_inference_steps=3, guidance_scale=4.0, output_type="pt").images
+    pipe.load_lora_weights(tmp_path / "run" / "lora")
+    loaded = pipe(prompt=prompts, latents=noise.clone(), num_inference_steps=3, guidance_scale=4.0, output_type="pt").images
+    assert torch.allclose(ours, loaded, atol=1e-4)
+    assert not torch.allclose(base, loaded, atol=1e-4)  # the LoRA changes the samples
+
+
+def test_bad_input_errors(models, tmp_path):
+    def cfg(*extra):
+        return load_config(CONFIGS["sd"], FAST + [f"model.path={models / 'sd'}", f"output_dir={tmp_path}", *extra])
+
+    with pytest.raises(ValueError, match="unknown objective 'dpok'"):
+        Trainer(cfg("objective.name=dpok"))
+    with pytest.raises(ValueError, match="unknown reward 'pickscore2'.*available:.*brightness"):
+        Trainer(cfg("reward=pickscore2"))
+    with pytest.raises(ValueError, match="needs a flow model, but `model.path` is a sd model"):
+        Trainer(cfg("objective.name=flow_grpo"))
+    with pytest.raises(FileNotFoundError, match="model path '/no/such/dir' does not exist"):
+        Trainer(cfg("model.path=/no/such/dir"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="no prompts"):
+        Trainer(cfg(f"prompts.train={empty}"))
+    from rewards.base import REGISTRY, Reward, RewardOutput, register
+
+    @register("test_nan")
+    class NaNReward(Reward):
+        def __call__(self, images, prompts, metadata):
+            return RewardOutput(torch.full((len(images),), float("nan")))
+
+    try:
+        trainer = Trainer(cfg("reward=test_nan", "train.epochs=1"))
+        with pytest.raises(FloatingPointError, match="reward 'test_nan' returned 8 non-finite"):
+            trainer.train()
+    finally:
+        REGISTRY.pop("test_nan")
