@@ -103,6 +103,13 @@ def cmd_train(args) -> None:
     print(f"outputs in {cfg.output_dir}")
 
 
+def cmd_lora_merge(args) -> None:
+    from finetune.models.hub import merge_lora
+
+    merge_lora(args.model, args.lora, args.out)
+    print(f"merged {args.lora} into {args.model}: {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="diffrl", description="RL fine-tuning of text-to-image models")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -142,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="e.g. configs/ddpo_shapes_sd.yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=5")
     p.set_defaults(func=cmd_train)
+
+    lora = sub.add_parser("lora", help="LoRA utilities").add_subparsers(dest="lora_command", required=True)
+    p = lora.add_parser("merge", help="fuse a trained LoRA into its base and save a full pipeline")
+    p.add_argument("--model", required=True, help="the base the LoRA was trained on")
+    p.add_argument("--lora", required=True, help="folder with pytorch_lora_weights.safetensors")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_lora_merge)
 
     p = sub.add_parser("demo", help="the README main job: RL on both shipped models, GenEval before/after")
     p.add_argument("--out", default="runs/demo")

@@ -2,13 +2,14 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from finetune.config import load_config
-from finetune.models.hub import load_pipeline
+from finetune.models.hub import load_pipeline, merge_lora
 from finetune.trainer import Trainer
-from tests.helpers import tiny_sd, tiny_sd3
+from tests.helpers import tiny_on_shipped_vae, tiny_sd, tiny_sd3
 
 CONFIGS = {"sd": "configs/ddpo_shapes_sd.yaml", "flow": "configs/flow_grpo_shapes_flow.yaml"}
 FAST = ["model.num_steps=3", "sample.groups_per_epoch=2", "sample.group_size=4", "sample.batch_size=8",
@@ -63,6 +64,10 @@ def test_saved_lora_loads_into_a_fresh_pipeline(models, tmp_path, family):
     loaded = pipe(prompt=prompts, latents=noise.clone(), num_inference_steps=3, guidance_scale=4.0, output_type="pt").images
     assert torch.allclose(ours, loaded, atol=1e-4)
     assert not torch.allclose(base, loaded, atol=1e-4)  # the LoRA changes the samples
+    merged = merge_lora(str(models / family), tmp_path / "run" / "lora", tmp_path / "merged")
+    fused = load_pipeline(str(tmp_path / "merged"))(prompt=prompts, latents=noise.clone(), num_inference_steps=3,
+                                                     guidance_scale=4.0, output_type="pt").images
+    assert merged is not None and torch.allclose(fused, loaded, atol=1e-3)
 
 
 def test_bad_input_errors(models, tmp_path):
@@ -94,3 +99,17 @@ def test_bad_input_errors(models, tmp_path):
             trainer.train()
     finally:
         REGISTRY.pop("test_nan")
+
+
+@pytest.mark.parametrize("family", ["sd", "flow"])
+def test_brightness_reward_rises(tmp_path, family):
+    """A short real run on a tiny random denoiser (shipped VAE): the pixel reward must go up."""
+    tiny_on_shipped_vae(family).save_pretrained(tmp_path / "model")
+    cfg = load_config(CONFIGS[family], [
+        f"model.path={tmp_path / 'model'}", f"output_dir={tmp_path / 'run'}", "cpu=true", "reward=brightness",
+        "model.num_steps=4", "sample.groups_per_epoch=2", "sample.group_size=8", "sample.batch_size=16",
+        "train.batch_size=8", "train.epochs=8", "train.lr=3e-3", "objective.clip_range=0.2",
+        "lora.rank=16", "lora.alpha=16", "eval.every=0", "log.tensorboard=false"])
+    history = Trainer(cfg).train()
+    rewards = [h["reward_mean"] for h in history]
+    assert np.mean(rewards[-2:]) > np.mean(rewards[:2]) + 2 * np.std(rewards[:2]), rewards

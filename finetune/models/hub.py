@@ -56,3 +56,15 @@ def load_pipeline(name_or_path: str, torch_dtype=None):
         raise
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def merge_lora(base: str, lora_dir: str | os.PathLike, out: str | os.PathLike):
+    """Fuse a diffusers-format LoRA into ``base`` and save a plain pipeline folder to ``out``."""
+    if not Path(lora_dir).is_dir():
+        raise FileNotFoundError(f"LoRA folder {lora_dir} does not exist")
+    pipe = load_pipeline(base)
+    pipe.load_lora_weights(lora_dir)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    pipe.save_pretrained(out, safe_serialization=True)
+    return pipe
