@@ -110,6 +110,45 @@ def cmd_lora_merge(args) -> None:
     print(f"merged {args.lora} into {args.model}: {args.out}")
 
 
+def cmd_rewards_list(args) -> None:
+    from rewards.base import REGISTRY, _builtins
+    from rewards.plugins import entry_point_names
+
+    _builtins()
+    for name in sorted(REGISTRY):
+        doc = (REGISTRY[name].__doc__ or "").strip().splitlines()
+        print(f"{name:<24} built-in  {doc[0] if doc else ''}")
+    for name in entry_point_names():
+        print(f"{name:<24} plugin    (entry point in group diffrl.rewards)")
+
+
+def cmd_rewards_score(args) -> None:
+    import numpy as np
+    import torch
+
+    from eval.layout import iter_images, load_image
+    from rewards.base import build_reward
+
+    rows = []  # (path, prompt, metadata); folders carry their own prompts
+    loose = [Path(s) for s in args.images if not Path(s).is_dir()]
+    prompts = list(args.prompts or [])
+    if loose and len(prompts) not in (1, len(loose)):
+        raise ValueError(f"--prompts: give one prompt for all {len(loose)} image files or one per file")
+    for source in args.images:
+        if Path(source).is_dir():
+            rows += [(path, meta["prompt"], meta) for _, meta, path in iter_images(source)]
+        else:
+            k = loose.index(Path(source))
+            rows.append((Path(source), prompts[k if len(prompts) > 1 else 0], {}))
+    reward = build_reward(args.reward)
+    pixels = torch.stack([torch.from_numpy(np.asarray(load_image(p), dtype=np.float32) / 255).permute(2, 0, 1)
+                          for p, _, _ in rows])
+    out = reward(pixels, [p for _, p, _ in rows], [m for _, _, m in rows])
+    for (path, prompt, _), score in zip(rows, out.scores.tolist()):
+        print(f"{score:10.4f}  {path}  {prompt!r}")
+    print(f"mean {out.scores.mean():.4f} over {len(rows)} images")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="diffrl", description="RL fine-tuning of text-to-image models")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -149,6 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="e.g. configs/ddpo_shapes_sd.yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=5")
     p.set_defaults(func=cmd_train)
+
+    rw = sub.add_parser("rewards", help="reward models").add_subparsers(dest="rewards_command", required=True)
+    p = rw.add_parser("list", help="built-in rewards and installed plugins")
+    p.set_defaults(func=cmd_rewards_list)
+    p = rw.add_parser("score", help="score image files or a GenEval-layout folder")
+    p.add_argument("--reward", required=True)
+    p.add_argument("--images", nargs="+", required=True, help="image files and/or GenEval-layout folders")
+    p.add_argument("--prompts", nargs="*", help="prompts for loose image files (one, or one per file)")
+    p.set_defaults(func=cmd_rewards_score)
 
     lora = sub.add_parser("lora", help="LoRA utilities").add_subparsers(dest="lora_command", required=True)
     p = lora.add_parser("merge", help="fuse a trained LoRA into its base and save a full pipeline")

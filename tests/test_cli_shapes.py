@@ -42,3 +42,22 @@ def test_clear_errors_for_bad_input(tmp_path, capsys):
     assert "unknown detector backend 'yolo'; available: shapes" in capsys.readouterr().err
     assert main(["sample", "--model", "./no/such/model", "--metadata", str(bad), "--out", "x"]) == 2
     assert "model path './no/such/model' does not exist" in capsys.readouterr().err
+
+
+def test_rewards_list_and_score(tmp_path, capsys):
+    assert main(["rewards", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "geneval" in listed and "jpeg_compressibility" in listed and "pickscore" in listed
+    meta = tmp_path / "m.jsonl"
+    main(["shapes", "prompts", "--split", "eval", "--out", str(meta)])
+    lines = meta.read_text().splitlines()[:3]
+    meta.write_text("\n".join(lines) + "\n")
+    main(["shapes", "render", "--metadata", str(meta), "--out", str(tmp_path / "gt"), "--images-per-prompt", "1"])
+    capsys.readouterr()
+    assert main(["rewards", "score", "--reward", "geneval", "--images", str(tmp_path / "gt")]) == 0
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1] == "mean 1.0000 over 3 images"
+    png = tmp_path / "gt" / "00000" / "samples" / "0000.png"
+    assert main(["rewards", "score", "--reward", "jpeg_compressibility", "--images", str(png),
+                 "--prompts", "anything"]) == 0
+    assert "over 1 images" in capsys.readouterr().out
