@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the README main job: RL on both shipped models, GenEval before/after")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--recipes", nargs="+", default=["configs/ddpo_shapes_sd.yaml", "configs/flow_grpo_shapes_flow.yaml"])
+    p.add_argument("--recipes", nargs="+", default=["configs/demo/ddpo_shapes_sd.yaml", "configs/demo/flow_grpo_shapes_flow.yaml"])
     p.add_argument("--minutes", type=float, default=15.0, help="training budget per recipe (CPU wall clock)")
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every recipe")

