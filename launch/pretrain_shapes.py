@@ -24,6 +24,7 @@ from diffusers.training_utils import EMAModel
 
 from eval.shapes import grammar, render
 from finetune.models import tiny
+from finetune.models.hub import load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,16 +89,19 @@ def stage_denoiser(args, family: str) -> None:
     cache = torch.load(args.work / "cache.pt", weights_only=True)
     latents, prompts = cache["latents"], cache["prompts"]
     torch.manual_seed(args.seed)
-    if family == "sd":
+    if args.init:  # continue from an earlier round (a fresh optimizer, warm-up and EMA)
+        pipe = load_pipeline(str(args.init))
+    elif family == "sd":
         pipe = tiny.sd_pipeline(tokenizer_dir=args.work / "tokenizer")
-        denoiser = pipe.unet
     else:
         pipe = tiny.sd3_pipeline(tokenizer_dir=args.work / "tokenizer")
-        denoiser = pipe.transformer
+    denoiser = pipe.unet if family == "sd" else pipe.transformer
     pipe.vae = AutoencoderKL.from_pretrained(args.work / "vae")
     shift = pipe.vae.config.shift_factor if family == "flow" else 0.0
     latents = (latents - shift) * pipe.vae.config.scaling_factor
     encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
+    for module in [denoiser, *encoders]:
+        module.requires_grad_(True)
     params = list(denoiser.parameters()) + [p for m in encoders for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
@@ -153,6 +157,7 @@ def main() -> None:
     ap.add_argument("--sd-steps", type=int, default=2200)
     ap.add_argument("--flow-steps", type=int, default=2200)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--init", type=Path, default=None, help="continue training this pipeline folder")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
