@@ -88,13 +88,15 @@ class Policy:
         return self.forward(x, t, cond, self.use_guidance)
 
     def latent_shape(self) -> tuple[int, int, int]:
-        c = self.denoiser.config
-        return c.in_channels, c.sample_size, c.sample_size
+        from eval.generate import latent_shape
+
+        return latent_shape(self.pipe)
 
     def initial_noise(self, seeds: list[int]) -> torch.Tensor:
-        shape = self.latent_shape()
-        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
-        return torch.stack(noise).to(self.device)
+        """Per-image seeded noise, the same as ``diffrl sample`` draws for those seeds."""
+        from eval.generate import initial_noise
+
+        return initial_noise(self.pipe, seeds).to(self.device)
 
     def guided(self, out: torch.Tensor) -> torch.Tensor:
         uncond, cond = out.chunk(2)
