@@ -33,11 +33,17 @@ def initial_noise(pipe, seeds: list[int]) -> torch.Tensor:
 
 
 def generate(pipe, records: list[dict], out: str | Path, images_per_prompt: int = 4, seed: int = 0,
-             batch_size: int = 32, progress: bool = True, **sampler) -> None:
-    """Write ``images_per_prompt`` samples of every record to ``out`` (GenEval layout)."""
+             batch_size: int = 32, progress: bool = True, prompt_indices: list[int] | None = None,
+             **sampler) -> None:
+    """Write ``images_per_prompt`` samples of every record to ``out`` (GenEval layout).
+
+    ``prompt_indices`` restricts the work to some prompts (a process's shard); seeds and folder
+    names still follow the prompt's index in ``records``.
+    """
     sampler = {**SHAPES_SAMPLER, **sampler}
-    jobs = [(i, j) for i in range(len(records)) for j in range(images_per_prompt)]
-    images: dict[int, list] = {i: [] for i in range(len(records))}
+    indices = range(len(records)) if prompt_indices is None else prompt_indices
+    jobs = [(i, j) for i in indices for j in range(images_per_prompt)]
+    images: dict[int, list] = {i: [] for i in indices}
     bar = tqdm(total=len(jobs), desc="sampling", disable=not progress)
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]

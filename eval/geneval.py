@@ -218,7 +218,7 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-BACKENDS = {"shapes": "eval.shapes.detector:ShapesDetector"}
+BACKENDS = {"shapes": "eval.shapes.detector:ShapesDetector", "hf": "eval.hf_backend:HFDetector"}
 
 
 def get_backend(name: str) -> DetectorBackend:

@@ -33,10 +33,45 @@ def cmd_shapes_render(args) -> None:
 
 def cmd_eval_geneval(args) -> None:
     from eval import geneval
+    from eval.run import default_metadata, geneval_model
 
-    rows = geneval.score_folder(args.images, geneval.get_backend(args.backend))
-    summary = geneval.write_results(rows, args.out)
+    if (args.images is None) == (args.model is None):
+        raise ValueError("give --images DIR (score an existing folder) or --model NAME (generate, then score)")
+    if args.images:
+        backend = geneval.get_backend(args.backend or "shapes")
+        summary = geneval.write_results(geneval.score_folder(args.images, backend), args.out)
+    else:
+        summary = geneval_model(args.model, args.out, args.lora, args.metadata, args.backend, args.images_per_prompt,
+                                args.seed, args.batch_size, args.steps, args.guidance)
+        if summary is None:  # not the main process
+            return
+        print(f"metadata: {args.metadata or default_metadata(args.model)}; images, results.jsonl and grid.png in {args.out}")
     print(geneval.format_summary(summary))
+
+
+def cmd_eval_reward(args) -> None:
+    from eval.run import compare_table, reward_model
+
+    rewards = [r.strip() for r in args.reward.split(",") if r.strip()]
+    runs = {}
+    if args.compare or args.lora is None:
+        runs[args.model] = None
+    if args.lora is not None:
+        runs[f"{args.model} + {args.lora}"] = args.lora
+    results = {}
+    for name, lora in runs.items():
+        stats = reward_model(args.model, rewards, args.prompts, lora, args.images_per_prompt, args.seed,
+                             args.batch_size, args.steps, args.guidance)
+        if stats is None:  # not the main process
+            return
+        results[name] = stats
+    table = compare_table(results)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "rewards.json").write_text(json.dumps(results, indent=2) + "\n")
+        (out / "rewards.md").write_text(table + "\n")
+    print(f"mean ± 95% CI half-width, {args.images_per_prompt} images per prompt of {args.prompts}:\n{table}")
 
 
 def cmd_sample(args) -> None:
@@ -149,6 +184,28 @@ def cmd_rewards_score(args) -> None:
     print(f"mean {out.scores.mean():.4f} over {len(rows)} images")
 
 
+def cmd_reward_serve(args) -> None:
+    from rewards.remote import serve
+
+    spec = args.reward.strip()
+    if spec.startswith("{"):  # a mapping: {name: pickscore, model: ...} or a mix {pickscore: 1.0, ...}
+        from omegaconf import OmegaConf
+
+        try:
+            spec = OmegaConf.to_container(OmegaConf.create(spec), resolve=True)
+        except Exception as err:  # YAML and OmegaConf errors are not ValueErrors
+            raise ValueError(f"--reward {args.reward!r} is not a YAML mapping: {err}") from None
+    serve(spec, host=args.host, port=args.port)
+
+
+def add_sampling_args(p) -> None:
+    p.add_argument("--images-per-prompt", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0, help="image j of prompt i uses noise seed seed*1000003 + i*1000 + j")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default 20)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default 4.0)")
+    p.add_argument("--batch-size", type=int, default=32)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="diffrl", description="RL fine-tuning of text-to-image models")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -167,21 +224,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_shapes_render)
 
     ev = sub.add_parser("eval", help="evaluation").add_subparsers(dest="eval_command", required=True)
-    p = ev.add_parser("geneval", help="score a GenEval-layout folder with the official rules")
-    p.add_argument("--images", required=True, help="folder in GenEval's layout")
-    p.add_argument("--backend", default="shapes", help="detector backend (shapes)")
-    p.add_argument("--out", required=True, help="results.jsonl to write (summary JSON goes beside it)")
+    p = ev.add_parser("geneval", help="GenEval with the official rules: score a folder, or generate with a model first")
+    p.add_argument("--images", help="score this folder (GenEval's layout); --out is then the results.jsonl")
+    p.add_argument("--model", help="generate with this model (shapes-sd, shapes-flow, folder or hub id) into --out DIR")
+    p.add_argument("--lora", help="LoRA folder from a training run (output_dir/lora) to load into --model")
+    p.add_argument("--metadata", help="prompts: GenEval metadata jsonl or shapes:eval "
+                   "(default: shapes:eval for the shapes models, GenEval's 553 prompts otherwise)")
+    p.add_argument("--backend", help="detector backend (default: shapes for shapes prompts)")
+    p.add_argument("--out", required=True, help="results.jsonl (with --images) or an output folder (with --model)")
+    add_sampling_args(p)
     p.set_defaults(func=cmd_eval_geneval)
+    p = ev.add_parser("reward", help="reward models as metrics: mean, std and 95%% CI per reward")
+    p.add_argument("--reward", required=True, help="one or more reward names, comma-separated")
+    p.add_argument("--model", required=True)
+    p.add_argument("--lora", help="LoRA folder from a training run")
+    p.add_argument("--compare", action="store_true", help="also score the base model and show both side by side")
+    p.add_argument("--prompts", default="shapes:eval", help="GenEval metadata jsonl or shapes:eval / shapes:train")
+    p.add_argument("--out", help="folder for rewards.json and rewards.md")
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_eval_reward)
 
     p = sub.add_parser("sample", help="sample a model into GenEval's folder layout")
     p.add_argument("--model", required=True, help="shapes-sd, shapes-flow, a local folder or a hub id")
     p.add_argument("--metadata", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--images-per-prompt", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=32)
+    add_sampling_args(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("train", help="RL fine-tuning from a YAML recipe")
@@ -197,6 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", nargs="+", required=True, help="image files and/or GenEval-layout folders")
     p.add_argument("--prompts", nargs="*", help="prompts for loose image files (one, or one per file)")
     p.set_defaults(func=cmd_rewards_score)
+    serve_help = "serve a reward over HTTP for `reward={name: remote, url: ...}` (rewards/README.md)"
+    for group in (rw, sub.add_parser("reward", help="serve a reward model").add_subparsers(dest="reward_command",
+                                                                                        required=True)):
+        p = group.add_parser("serve", help=serve_help)
+        p.add_argument("--reward", required=True, help="a name or a mapping, e.g. '{pickscore: 1.0, aesthetic: 0.1}'")
+        p.add_argument("--host", default="127.0.0.1", help="127.0.0.1: this machine only; 0.0.0.0 exposes the "
+                       "unauthenticated server to the network")
+        p.add_argument("--port", type=int, default=8765, help="0 picks a free port (default 8765)")
+        p.set_defaults(func=cmd_reward_serve)
 
     lora = sub.add_parser("lora", help="LoRA utilities").add_subparsers(dest="lora_command", required=True)
     p = lora.add_parser("merge", help="fuse a trained LoRA into its base and save a full pipeline")

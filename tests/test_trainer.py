@@ -12,7 +12,9 @@ from finetune.models.hub import load_pipeline, merge_lora
 from finetune.trainer import Trainer
 from tests.helpers import tiny_on_shipped_vae, tiny_sd, tiny_sd3
 
-CONFIGS = {"sd": "configs/ddpo_shapes_sd.yaml", "flow": "configs/flow_grpo_shapes_flow.yaml"}
+CONFIGS = {"sd": "configs/ddpo_shapes_sd.yaml", "flow": "configs/flow_grpo_shapes_flow.yaml",
+           "nft": "configs/nft_shapes_flow.yaml", "awm": "configs/awm_shapes_flow.yaml"}
+FAMILY = {"sd": "sd", "flow": "flow", "nft": "flow", "awm": "flow"}
 FAST = ["model.num_steps=3", "sample.groups_per_epoch=2", "sample.group_size=4", "sample.batch_size=8",
         "train.batch_size=4", "eval.every=0", "log.tensorboard=false", "cpu=true", "reward=brightness"]
 
@@ -26,13 +28,14 @@ def models(tmp_path_factory):
 
 
 def run(models, family, out, *overrides):
-    cfg = load_config(CONFIGS[family], FAST + [f"model.path={models / family}", f"output_dir={out}", *overrides])
+    cfg = load_config(CONFIGS[family], FAST + [f"model.path={models / FAMILY[family]}", f"output_dir={out}", *overrides])
     trainer = Trainer(cfg)
     trainer.train()
     return trainer
 
 
-@pytest.mark.parametrize("family, extra", [("sd", []), ("flow", ["train.ema_decay=0.9"])])
+@pytest.mark.parametrize("family, extra", [("sd", []), ("flow", ["train.ema_decay=0.9"]),
+                                           ("nft", ["train.gradient_accumulation_steps=1"])])
 def test_resume_ends_with_the_same_parameters(models, tmp_path, family, extra):
     full = run(models, family, tmp_path / "full", "train.epochs=3", *extra)
     run(models, family, tmp_path / "cut", "train.epochs=2", *extra)  # stops after epoch 2's checkpoint
@@ -45,6 +48,8 @@ def test_resume_ends_with_the_same_parameters(models, tmp_path, family, extra):
     assert [h["reward_mean"] for h in resumed.history] == [h["reward_mean"] for h in full.history]
     if full.ema is not None:
         assert all(torch.equal(x, y) for x, y in zip(full.ema.shadow_params, resumed.ema.shadow_params))
+    for name, value in full.objective.state_dict().items():  # e.g. NFT's old policy
+        assert torch.equal(value, resumed.objective.state_dict()[name]), name
     # The parameters moved at all (otherwise equality would prove nothing).
     fresh = run(models, family, tmp_path / "zero", "train.epochs=0")
     assert any(not torch.equal(a[n], fresh.trainable_state()[n]) for n in a)
@@ -102,19 +107,39 @@ def test_bad_input_errors(models, tmp_path):
         REGISTRY.pop("test_nan")
 
 
-@pytest.mark.parametrize("family, extra", [("sd", ["lora.enabled=false", "train.lr=3e-3", "model.noise=0.5"]), ("flow", ["objective.kl_beta=0.0"])])
+@pytest.mark.parametrize("family, extra", [
+    ("sd", ["lora.enabled=false", "train.lr=3e-3", "model.noise=0.5", "objective.clip_range=0.2", "train.epochs=24"]),
+    ("flow", ["objective.kl_beta=0.0", "objective.clip_range=0.2", "lora.enabled=false", "train.lr=3e-3", "train.epochs=24"]),
+    ("nft", ["train.gradient_accumulation_steps=1", "lora.enabled=false", "train.lr=3e-3", "train.epochs=24"]),
+    ("awm", ["train.gradient_accumulation_steps=1", "lora.enabled=false", "train.lr=3e-3", "train.epochs=24"]),
+])
 def test_brightness_reward_rises(tmp_path, family, extra):
     """A short real run on a tiny random denoiser (shipped VAE): the pixel reward must go up."""
-    tiny_on_shipped_vae(family).save_pretrained(tmp_path / "model")
+    tiny_on_shipped_vae(FAMILY[family]).save_pretrained(tmp_path / "model")
     cfg = load_config(CONFIGS[family], [
         f"model.path={tmp_path / 'model'}", f"output_dir={tmp_path / 'run'}", "cpu=true", "reward=brightness",
         "model.num_steps=4", "sample.groups_per_epoch=2", "sample.group_size=8", "sample.batch_size=16",
-        "train.batch_size=8", "train.epochs=16", "train.lr=1e-2", "objective.clip_range=0.2",
+        "train.batch_size=8", "train.epochs=16", "train.lr=1e-2",
         "lora.rank=16", "lora.alpha=16", "eval.every=0", "log.tensorboard=false", *extra])
     history = Trainer(cfg).train()
     rewards = [h["reward_mean"] for h in history]
     # The per-epoch mean is noisy (16 fresh samples), so test the trend: a least-squares slope over the
-    # 16 epochs that is positive and significant (p < 0.01), and a last quarter above the first.
+    # epochs that is positive and significant (p < 0.01), and a last quarter above the first.
     fit = linregress(np.arange(len(rewards)), rewards)
     assert fit.slope > 0 and fit.pvalue < 0.01, (fit, rewards)
-    assert np.mean(rewards[-4:]) > np.mean(rewards[:4]), rewards
+    q = len(rewards) // 4
+    assert np.mean(rewards[-q:]) > np.mean(rewards[:q]), rewards
+
+
+def test_prompt_sampling_balances_tags(models, tmp_path):
+    import random
+    from collections import Counter
+
+    cfg = load_config(CONFIGS["sd"], FAST + [f"model.path={models / 'sd'}", f"output_dir={tmp_path}"])
+    trainer = Trainer(cfg)
+    rng = random.Random(0)
+    by_tag = Counter(trainer.pick_prompt(rng)["tag"] for _ in range(1200))
+    assert len(by_tag) == 6 and all(150 <= n <= 250 for n in by_tag.values()), by_tag  # ~200 each
+    trainer.cfg.prompts.balance = "prompt"
+    uniform = Counter(trainer.pick_prompt(rng)["tag"] for _ in range(1200))
+    assert uniform["color_attr"] > 1000  # 93 % of the train split

@@ -72,6 +72,27 @@ class Policy:
     def latents_to_images(self, latents: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    # The forward (noising) process, for objectives that train on x_t = noised(x0, eps, t) instead
+    # of the sampler's steps. ``t`` in (0, 1] is the noise level per sample (1 = pure noise).
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The denoiser's time input for noise level ``t``."""
+        raise NotImplementedError
+
+    def time_grid(self) -> torch.Tensor:
+        """The noise levels t of the sampler's ``num_steps`` steps, noisiest first."""
+        raise NotImplementedError
+
+    def noised(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the denoiser regresses in pretraining (eps, or the velocity eps - x0)."""
+        raise NotImplementedError
+
+    def predict_x0(self, x_t: torch.Tensor, output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The clean sample implied by a denoiser output (linear in the output)."""
+        raise NotImplementedError
+
     def save_lora(self, directory: str | Path) -> None:
         raise NotImplementedError
 

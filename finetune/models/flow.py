@@ -98,6 +98,22 @@ class FlowPolicy(Policy):
         level = self.noise if noise is None else noise
         return Step(*sde_step_with_logprob(self.pipe.scheduler, model_output, t, x, level, prev_sample, generator))
 
+    def model_time(self, t):
+        return t * self.pipe.scheduler.config.num_train_timesteps
+
+    def time_grid(self):
+        return self.timesteps().float() / self.pipe.scheduler.config.num_train_timesteps
+
+    def noised(self, x0, eps, t):
+        t = t.reshape(-1, *[1] * (x0.ndim - 1))
+        return (1 - t) * x0 + t * eps
+
+    def target(self, x0, eps, t):
+        return eps - x0
+
+    def predict_x0(self, x_t, output, t):
+        return x_t - t.reshape(-1, *[1] * (x_t.ndim - 1)) * output
+
     def latents_to_images(self, latents):
         vae = self.pipe.vae
         latents = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)

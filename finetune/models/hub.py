@@ -34,11 +34,16 @@ def resolve(name_or_path: str | os.PathLike) -> str:
     return text
 
 
-def load_pipeline(name_or_path: str, torch_dtype=None):
-    """Load any diffusers text-to-image pipeline; the class comes from its model_index.json."""
+def load_pipeline(name_or_path: str, torch_dtype=None, lora: str | os.PathLike | None = None):
+    """Load any diffusers text-to-image pipeline; the class comes from its model_index.json.
+
+    ``lora``: a folder written by training (``output_dir/lora``), loaded with ``load_lora_weights``.
+    """
     from diffusers import DiffusionPipeline
 
     location = resolve(name_or_path)
+    if lora is not None:
+        check_lora(lora)  # before the (slow) model load
     kwargs = {}
     index = Path(location) / "model_index.json"
     if index.exists():
@@ -55,15 +60,25 @@ def load_pipeline(name_or_path: str, torch_dtype=None):
                           "to a downloaded diffusers folder instead.") from err
         raise
     pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        load_lora(pipe, lora)
     return pipe
+
+
+def check_lora(lora_dir: str | os.PathLike) -> None:
+    if not (Path(lora_dir) / "pytorch_lora_weights.safetensors").is_file():
+        raise FileNotFoundError(f"LoRA folder {lora_dir} has no pytorch_lora_weights.safetensors; pass the "
+                                "`lora` folder that training writes into its output_dir")
+
+
+def load_lora(pipe, lora_dir: str | os.PathLike) -> None:
+    check_lora(lora_dir)
+    pipe.load_lora_weights(str(lora_dir))
 
 
 def merge_lora(base: str, lora_dir: str | os.PathLike, out: str | os.PathLike):
     """Fuse a diffusers-format LoRA into ``base`` and save a plain pipeline folder to ``out``."""
-    if not Path(lora_dir).is_dir():
-        raise FileNotFoundError(f"LoRA folder {lora_dir} does not exist")
-    pipe = load_pipeline(base)
-    pipe.load_lora_weights(lora_dir)
+    pipe = load_pipeline(base, lora=lora_dir)
     pipe.fuse_lora()
     pipe.unload_lora_weights()
     pipe.save_pretrained(out, safe_serialization=True)

@@ -106,6 +106,28 @@ class SDPolicy(Policy):
         prev, log_prob = ddim_step_with_logprob(self.pipe.scheduler, model_output, t, x, eta, prev_sample, generator)
         return Step(prev, log_prob, None, None)
 
+    # Discrete DDPM time: noise level t maps to the nearest of the scheduler's training timesteps.
+    def model_time(self, t):
+        return (t * (self.pipe.scheduler.config.num_train_timesteps - 1)).round().long()
+
+    def time_grid(self):
+        return self.timesteps().float() / (self.pipe.scheduler.config.num_train_timesteps - 1)
+
+    def _alpha_bar(self, t, ndim):
+        alphas = self.pipe.scheduler.alphas_cumprod.to(t.device)[self.model_time(t)]
+        return alphas.float().reshape(-1, *[1] * (ndim - 1))
+
+    def noised(self, x0, eps, t):
+        a = self._alpha_bar(t, x0.ndim)
+        return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+    def target(self, x0, eps, t):
+        return eps  # epsilon prediction only, as ddim_step_with_logprob
+
+    def predict_x0(self, x_t, output, t):
+        a = self._alpha_bar(t, x_t.ndim)
+        return (x_t - (1 - a).sqrt() * output) / a.sqrt()
+
     def latents_to_images(self, latents):
         vae = self.pipe.vae
         images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample

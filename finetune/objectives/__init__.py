@@ -7,6 +7,8 @@ import importlib
 OBJECTIVES = {
     "ddpo": "finetune.objectives.ddpo:DDPO",
     "flow_grpo": "finetune.objectives.ddpo:FlowGRPO",
+    "nft": "finetune.objectives.nft:DiffusionNFT",
+    "awm": "finetune.objectives.awm:AWM",
 }
 
 
@@ -19,5 +21,5 @@ def build_objective(name: str, family: str, **kwargs):
     if family not in cls.families:
         raise ValueError(f"objective {name!r} needs a {' or '.join(cls.families)} model, but `model.path` is a "
                          f"{family} model; pick a matching model or objective "
-                         f"(e.g. ddpo for shapes-sd, flow_grpo for shapes-flow)")
+                         f"(e.g. ddpo for shapes-sd, flow_grpo, nft or awm for shapes-flow)")
     return cls(**kwargs)

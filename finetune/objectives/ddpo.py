@@ -23,10 +23,10 @@ from __future__ import annotations
 import torch
 
 from finetune.advantages import clip_advantages
+from finetune.objectives.base import Objective
 
 
-class DDPO:
-    families = ("sd", "flow")
+class DDPO(Objective):
     needs = ("trajectory",)
 
     def __init__(self, clip_range: float = 1e-4, adv_clip_max: float = 5.0, kl_beta: float = 0.0):

@@ -1,0 +1,144 @@
+"""End-to-end evaluations of a model (optionally with a trained LoRA): generate, then score.
+
+Under ``accelerate launch`` the prompts are sharded across processes by index (prompt i goes to
+process i mod N), every process scores its own images, and the main process gathers the rows and
+writes the results once, in prompt order, so the files equal those of a single-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from finetune.models.hub import SHIPPED
+
+
+def load_records(source: str) -> list[dict]:
+    """``shapes:train`` / ``shapes:eval`` or a GenEval-style metadata jsonl."""
+    from eval.shapes import grammar
+
+    if source.startswith("shapes:"):
+        return grammar.split(source.split(":", 1)[1])
+    return grammar.read_jsonl(source)
+
+
+def default_metadata(model: str) -> str:
+    """The shapes eval split for the shipped shapes models, GenEval's own prompts otherwise."""
+    from eval.geneval import GENEVAL_METADATA
+
+    return "shapes:eval" if model in SHIPPED else str(GENEVAL_METADATA)
+
+
+def default_backend(metadata: str) -> str:
+    return "shapes" if metadata.startswith("shapes:") else "hf"
+
+
+def _state():
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+def _gather(rows: list) -> list:
+    from accelerate.utils import gather_object
+
+    state = _state()
+    return gather_object(rows) if state.num_processes > 1 else rows
+
+
+def _sampler(steps, guidance) -> dict:
+    return {k: v for k, v in (("num_inference_steps", steps), ("guidance_scale", guidance)) if v is not None}
+
+
+def geneval_model(model: str, out: str | Path, lora: str | None = None, metadata: str | None = None,
+                  backend: str | None = None, images_per_prompt: int = 4, seed: int = 0, batch_size: int = 32,
+                  steps: int | None = None, guidance: float | None = None) -> dict | None:
+    """Generate ``out/images`` (GenEval layout), score it, write ``out/results.jsonl`` and a grid."""
+    from eval import geneval
+    from eval.generate import generate
+    from eval.layout import load_image
+    from eval.report import folder_grid
+    from finetune.models.hub import load_pipeline
+
+    metadata = metadata or default_metadata(model)
+    records = load_records(metadata)
+    detector = geneval.get_backend(backend or default_backend(metadata))  # fail before generating
+    state = _state()
+    pipe = load_pipeline(model, lora=lora).to(state.device)
+    mine = list(range(state.process_index, len(records), state.num_processes))
+    out = Path(out)
+    generate(pipe, records, out / "images", images_per_prompt, seed, batch_size,
+             progress=state.is_main_process, prompt_indices=mine, **_sampler(steps, guidance))
+    rows = []
+    for i in mine:
+        folder = out / "images" / f"{i:05d}"
+        for filename, meta, path in iter_images_of(folder, out / "images"):
+            rows.append(geneval.evaluate_image(detector, load_image(path), meta, filename))
+    rows = sorted(_gather(rows), key=lambda r: r["filename"])
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    summary = geneval.write_results(rows, out / "results.jsonl")
+    folder_grid(out / "images", out / "grid.png")
+    return summary
+
+
+def iter_images_of(folder: Path, root: Path):
+    """The samples of one prompt folder, named relative to ``root`` like ``iter_images``."""
+    meta = json.loads((folder / "metadata.jsonl").read_text().splitlines()[0])
+    for path in sorted((folder / "samples").glob("*.png")):
+        yield str(path.relative_to(root)), meta, path
+
+
+def mean_ci(values) -> dict:
+    """Mean, sample std and the normal-approximation 95 % confidence interval of the mean."""
+    x = np.asarray(values, dtype=np.float64)
+    std = float(x.std(ddof=1)) if len(x) > 1 else 0.0
+    half = 1.96 * std / math.sqrt(len(x))
+    return {"mean": float(x.mean()), "std": std, "ci95": [float(x.mean()) - half, float(x.mean()) + half], "n": len(x)}
+
+
+def reward_model(model: str, rewards: list[str], prompts: str, lora: str | None = None, images_per_prompt: int = 4,
+                 seed: int = 0, batch_size: int = 32, steps: int | None = None,
+                 guidance: float | None = None) -> dict[str, dict] | None:
+    """Score a model's samples of ``prompts`` with each reward: {reward: mean/std/ci95/n}."""
+    import torch
+
+    from eval.generate import SHAPES_SAMPLER, image_seed, initial_noise
+    from finetune.models.hub import load_pipeline
+    from rewards.base import build_reward, check_finite
+
+    records = load_records(prompts)
+    scorers = [build_reward(name) for name in rewards]  # fail before generating
+    state = _state()
+    pipe = load_pipeline(model, lora=lora).to(state.device)
+    sampler = {**SHAPES_SAMPLER, **_sampler(steps, guidance)}
+    jobs = [(i, j) for i in range(state.process_index, len(records), state.num_processes)
+            for j in range(images_per_prompt)]
+    scores: dict[str, list[float]] = {name: [] for name in rewards}
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        latents = initial_noise(pipe, [image_seed(seed, i, j) for i, j in chunk]).to(pipe.device, pipe.dtype)
+        prompts_ = [records[i]["prompt"] for i, _ in chunk]
+        images = pipe(prompt=prompts_, latents=latents, output_type="pt", **sampler).images
+        for name, scorer in zip(rewards, scorers):
+            out = scorer(images.float().clamp(0, 1), prompts_, [records[i] for i, _ in chunk])
+            scores[name] += check_finite(out.scores.float(), name).tolist()
+    gathered = {name: [s for part in _gather([scores[name]]) for s in part] for name in rewards}
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    return {name: mean_ci(values) for name, values in gathered.items()}
+
+
+def compare_table(results: dict[str, dict[str, dict]]) -> str:
+    """Markdown: one row per run, one column per reward, 'mean ± ci half-width'."""
+    names = list(next(iter(results.values())))
+    lines = ["| run | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    for run, stats in results.items():
+        cells = [f"{s['mean']:.4f} ± {(s['ci95'][1] - s['ci95'][0]) / 2:.4f}" for s in (stats[n] for n in names)]
+        lines.append(f"| {run} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

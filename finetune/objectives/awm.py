@@ -1,0 +1,115 @@
+"""AWM, Advantage Weighted Matching (Xue et al., 2025, "Advantage Weighted Matching: Aligning RL
+with Pretraining in Diffusion Models").
+
+Rollouts come from the stochastic sampler, but their per-step log-probs are not used. Each clean
+sample x0 is re-noised at a few training times t (stratified over the sampler's grid, or uniform
+and shifted t -> s t / (1 + (s - 1) t)) with fresh eps, x_t = (1 - t) x0 + t eps, and the
+pretraining loss stands in for the log-likelihood:
+
+    log p_theta(x0 | t, eps) ~= -w(t, || v_theta(x_t, t) - (eps - x0) ||^2)
+
+with w the time weighting ("uniform": the mse itself; "ghuber" (the official default):
+((mse + 1e-10)^p - 1e-10^p) t / p). With A = clip(A, +-A_max) / A_max * advantage_max,
+
+    ratio = exp(log p_theta - log p_old)
+    L     = mean[ max(-A ratio, -A clip(ratio, 1 - eps_clip, 1 + eps_clip)) ] + beta || v_theta - v_ref ||^2
+
+where p_old is the rollout policy. On the first step after sampling the ratio is 1 and the
+gradient is -A grad log p_theta: advantage-weighted flow matching, pretraining's loss reweighted.
+As in the official code, v_theta is guided when the model's guidance scale is > 1.
+For epsilon models the target is eps instead of the velocity (``policy.target``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from finetune.advantages import clip_advantages
+from finetune.objectives.base import Objective, WeightCopy, stratified_grid_times, uniform_times
+
+TIME_TYPES = ("discrete", "discrete_wo_init", "uniform")
+
+
+def weighted_log_prob(mse: torch.Tensor, t: torch.Tensor, weighting: str, power: float = 0.25) -> torch.Tensor:
+    if weighting == "uniform":
+        return -mse
+    if weighting == "t":
+        return -mse * t
+    if weighting == "ghuber":
+        return -((mse + 1e-10) ** power - 1e-10**power) * t / power
+    raise ValueError(f"objective.weighting must be uniform, t or ghuber, got {weighting!r}")
+
+
+class AWM(Objective):
+    needs = ("final",)
+
+    def __init__(self, clip_range: float = 1.0, adv_clip_max: float = 5.0, advantage_max: float = 1.0,
+                 kl_beta: float = 1e-3, train_timesteps: int = 6, time_type: str = "discrete_wo_init",
+                 timestep_fraction: float = 0.9, time_shift: float = 3.0, weighting: str = "ghuber",
+                 ghuber_power: float = 0.25):
+        if time_type not in TIME_TYPES:
+            raise ValueError(f"objective.time_type must be one of {', '.join(TIME_TYPES)}, got {time_type!r}")
+        weighted_log_prob(torch.zeros(1), torch.ones(1), weighting)  # validate the name now
+        self.clip_range = clip_range
+        self.adv_clip_max = adv_clip_max
+        self.advantage_max = advantage_max
+        self.kl_beta = kl_beta
+        self.train_timesteps = train_timesteps
+        self.time_type = time_type
+        self.timestep_fraction = timestep_fraction
+        self.time_shift = time_shift
+        self.weighting = weighting
+        self.ghuber_power = ghuber_power
+        self.old: WeightCopy | None = None
+        self.on_policy = True
+
+    def setup(self, policy, params):
+        self.old = WeightCopy(params)
+
+    def start_epoch(self) -> None:
+        self.old.soft_update(0.0)  # the policy that drew this epoch's rollouts
+        self.on_policy = True
+
+    def after_step(self, global_step: int) -> None:
+        self.on_policy = False
+
+    def training_times(self, policy, n: int, generator: torch.Generator) -> torch.Tensor:
+        if self.time_type == "uniform":
+            return uniform_times(n, self.train_timesteps, generator, self.time_shift, low=0.2)
+        return stratified_grid_times(policy.time_grid().cpu(), n, self.train_timesteps, generator,
+                                     skip_first=self.time_type == "discrete_wo_init",
+                                     fraction=self.timestep_fraction)
+
+    def log_prob(self, policy, output, x0, eps, t) -> torch.Tensor:
+        dims = tuple(range(1, x0.ndim))
+        mse = ((output.double() - policy.target(x0, eps, t).double()) ** 2).mean(dim=dims)
+        return weighted_log_prob(mse, t.double(), self.weighting, self.ghuber_power)
+
+    def loss(self, policy, batch: dict) -> tuple[torch.Tensor, dict]:
+        """``batch``: x0, eps, t (noise levels), advantages, cond."""
+        x0, eps, t, cond = batch["x0"], batch["eps"], batch["t"], batch["cond"]
+        x_t = policy.noised(x0, eps, t)
+        time = policy.model_time(t)
+        old_log_prob = None
+        if not self.on_policy:  # before the graph below: the swap writes the weights in place
+            with torch.no_grad(), self.old.swapped_in():
+                old_log_prob = self.log_prob(policy, policy.predict(x_t, time, cond), x0, eps, t)
+        v_theta = policy.predict(x_t, time, cond)
+        log_prob = self.log_prob(policy, v_theta, x0, eps, t)
+        if old_log_prob is None:  # no step since sampling: the current weights are the rollout policy
+            old_log_prob = log_prob.detach()
+        A = clip_advantages(batch["advantages"], self.adv_clip_max) / self.adv_clip_max * self.advantage_max
+        ratio = torch.exp(log_prob - old_log_prob)
+        unclipped = -A * ratio
+        clipped = -A * torch.clamp(ratio, 1.0 - self.clip_range, 1.0 + self.clip_range)
+        policy_loss = torch.maximum(unclipped, clipped).mean().float()
+        info = {"policy_loss": policy_loss.detach(), "log_prob": log_prob.mean().detach().float(),
+                "clipfrac": ((ratio - 1).abs() > self.clip_range).float().mean()}
+        loss = policy_loss
+        if self.kl_beta > 0:
+            with torch.no_grad(), policy.reference():
+                v_ref = policy.predict(x_t, time, cond)
+            kl = ((v_theta - v_ref) ** 2).mean()
+            loss = loss + self.kl_beta * kl
+            info["kl"] = kl.detach()
+        return loss, info

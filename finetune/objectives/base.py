@@ -1,0 +1,118 @@
+"""What every objective shares: the hooks the trainer calls, an old-policy weight copy, training times.
+
+Two kinds of objectives plug into the trainer:
+
+* sampler-step objectives (``needs = ("trajectory",)``: DDPO, Flow-GRPO) train on recorded steps
+  x_t -> x_{t-1} and their log-probs;
+* forward-process objectives (``needs = ("final",)``: DiffusionNFT, AWM) train on the clean samples
+  x0 only, re-noised at training times t: x_t = noised(x0, eps, t). They say which times with
+  ``training_times`` and may keep an old policy (``WeightCopy``) that rollouts or ratios use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+class Objective:
+    families: tuple[str, ...] = ("sd", "flow")
+    needs: tuple[str, ...] = ("trajectory",)
+    deterministic_rollouts = False  # True: rollouts use the ODE / DDIM eta=0 sampler
+
+    def setup(self, policy, params: list[torch.nn.Parameter]) -> None:
+        """Called once the trainable parameters exist (after LoRA is added)."""
+
+    def rollout_context(self, policy):
+        """Weights the rollouts are sampled with (default: the current ones)."""
+        return contextlib.nullcontext()
+
+    def start_epoch(self) -> None:
+        """Called before the optimisation phase of each epoch, after rollouts."""
+
+    def after_step(self, global_step: int) -> None:
+        """Called after every optimizer step (``global_step`` counts them from the start)."""
+
+    def end_epoch(self, global_step: int) -> None:
+        """Called after the optimisation phase of each epoch."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors to checkpoint so that a resumed run continues exactly."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+
+class WeightCopy:
+    """A second copy theta' of the trainable weights, e.g. an old policy, swapped in to evaluate it.
+
+    The reference codes keep it as a second LoRA adapter; a plain copy of the same tensors is the
+    same policy without the adapter bookkeeping, and it works for full fine-tuning too.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params = params
+        self.values = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def soft_update(self, decay: float) -> None:
+        """theta' <- decay * theta' + (1 - decay) * theta  (decay 0 copies theta)."""
+        for value, p in zip(self.values, self.params):
+            value.mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """Within this block the model computes with theta'; theta is restored afterwards."""
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in self.params]
+            for p, value in zip(self.params, self.values):
+                p.copy_(value)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, value in zip(self.params, saved):
+                    p.copy_(value)
+
+    def state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}{i}": v for i, v in enumerate(self.values)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        with torch.no_grad():
+            for i, value in enumerate(self.values):
+                value.copy_(state[f"{prefix}{i}"])
+
+
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's time shift t -> s t / (1 + (s - 1) t); s > 1 moves training towards noisier times."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def permuted_grid_times(grid: torch.Tensor, n: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """(k, n): each sample's own random k of the sampler's noise levels (DDPO's timestep subsampling)."""
+    index = torch.stack([torch.randperm(len(grid), generator=generator)[:k] for _ in range(n)], 1)
+    return grid[index]
+
+
+def stratified_grid_times(grid: torch.Tensor, n: int, k: int, generator: torch.Generator,
+                          skip_first: bool = False, fraction: float = 1.0) -> torch.Tensor:
+    """(k, n): one random grid index from each of k equal bins of the grid, shared by the batch.
+
+    ``skip_first`` leaves out the first level (t = 1, pure noise); ``fraction`` keeps the first
+    fraction of the grid (the least noisy steps are left out).
+    """
+    last = max(int(len(grid) * fraction), int(skip_first) + k)
+    edges = torch.linspace(int(skip_first), last, k + 1)
+    index = []
+    for lo, hi in zip(edges[:-1].floor().long().tolist(), edges[1:].floor().long().tolist()):
+        index.append(lo + int(torch.randint(max(hi - lo, 1), (1,), generator=generator)))
+    return grid[torch.tensor(index).clamp(max=len(grid) - 1)].reshape(k, 1).expand(k, n)
+
+
+def uniform_times(n: int, k: int, generator: torch.Generator, shift: float = 1.0,
+                  low: float = 0.0) -> torch.Tensor:
+    """(k, n): stratified uniform times in (low, 1], then shifted; each sample its own draws."""
+    u = (torch.arange(k).reshape(k, 1) + torch.rand(k, n, generator=generator)) / k
+    return shift_time(low + (1 - low) * u, shift).clamp(min=1e-3)

@@ -1,0 +1,92 @@
+"""Head-to-head on shapes-flow: Flow-GRPO, AWM and DiffusionNFT from the same base model, on the same
+prompt sequence, each for the same wall-clock training budget on this machine.
+
+    python launch/bench_flow_objectives.py --minutes 15 --eval-every-minutes 3
+
+Every run is evaluated with one protocol (GenEval-shapes, eval split, 4 images per prompt, 20-step
+ODE sampler, guidance ``--eval-guidance``) whenever its training time passes a multiple of
+``--eval-every-minutes``; evaluation time is not counted. Writes ``OUT/<recipe>/`` (the runs),
+``OUT/bench.png`` (score vs training seconds) and ``OUT/bench.md`` (final scores and the time each
+needs to reach Flow-GRPO's final score).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+RECIPES = ["configs/demo/flow_grpo_shapes_flow.yaml", "configs/demo/awm_shapes_flow.yaml",
+           "configs/demo/nft_shapes_flow.yaml"]
+
+
+def time_to_reach(evals: list[dict], target: float) -> float | None:
+    return next((h["time"] for h in evals if h["geneval_overall"] >= target - 1e-9), None)
+
+
+def table(curves: dict[str, list[dict]]) -> str:
+    reference = curves.get("flow_grpo")
+    target = reference[-1]["geneval_overall"] if reference else None
+    ref_time = time_to_reach(reference, target) if reference else None
+    lines = ["| objective | base | final | epochs | training s | s to reach Flow-GRPO's final | vs Flow-GRPO |",
+             "|---|---|---|---|---|---|---|"]
+    for name, evals in curves.items():
+        reach = time_to_reach(evals, target) if target is not None else None
+        ratio = f"{reach / ref_time:.2f}x" if reach is not None and ref_time else "-"
+        lines.append(f"| {name} | {evals[0]['geneval_overall']:.3f} | {evals[-1]['geneval_overall']:.3f} | "
+                     f"{evals[-1]['epoch']} | {evals[-1]['time']:.0f} | "
+                     f"{'not reached' if reach is None else f'{reach:.0f}'} | {ratio} |")
+    return "\n".join(lines)
+
+
+def plot(curves: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, evals in curves.items():
+        ax.plot([h["time"] for h in evals], [h["geneval_overall"] for h in evals], marker="o", label=name)
+    ax.set(xlabel="training wall-clock seconds (evaluation excluded)", ylabel="GenEval-shapes overall",
+           title="shapes-flow: objectives at equal CPU budget")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    from finetune.config import load_config
+    from finetune.trainer import Trainer
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/bench")
+    ap.add_argument("--recipes", nargs="+", default=RECIPES)
+    ap.add_argument("--minutes", type=float, default=15.0, help="training budget per objective")
+    ap.add_argument("--eval-every-minutes", type=float, default=3.0)
+    ap.add_argument("--eval-guidance", type=float, default=4.0)
+    ap.add_argument("overrides", nargs="*", help="key=value overrides applied to every recipe")
+    args = ap.parse_args()
+
+    out = Path(args.out)
+    curves = {}
+    for recipe in args.recipes:
+        run_dir = out / Path(recipe).stem
+        shutil.rmtree(run_dir, ignore_errors=True)
+        cfg = load_config(recipe, [f"output_dir={run_dir}", f"train.max_minutes={args.minutes}", "train.epochs=100000",
+                                   "eval.every=1", f"eval.every_minutes={args.eval_every_minutes}",
+                                   f"eval.guidance_scale={args.eval_guidance}", *args.overrides])
+        history = Trainer(cfg).train()
+        curves[cfg.objective.name] = [h for h in history if "geneval_overall" in h]
+        (out / "curves.json").write_text(json.dumps(curves, indent=1) + "\n")  # partial results survive a crash
+    plot(curves, out / "bench.png")
+    text = table(curves)
+    (out / "bench.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
