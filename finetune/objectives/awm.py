@@ -25,7 +25,8 @@ from __future__ import annotations
 import torch
 
 from finetune.advantages import clip_advantages
-from finetune.objectives.base import Objective, WeightCopy, stratified_grid_times, uniform_times
+from finetune.objectives.base import (Objective, WeightCopy, clipped_surrogate, reference_distance,
+                                      stratified_grid_times, uniform_times)
 
 TIME_TYPES = ("discrete", "discrete_wo_init", "uniform")
 
@@ -100,16 +101,12 @@ class AWM(Objective):
             old_log_prob = log_prob.detach()
         A = clip_advantages(batch["advantages"], self.adv_clip_max) / self.adv_clip_max * self.advantage_max
         ratio = torch.exp(log_prob - old_log_prob)
-        unclipped = -A * ratio
-        clipped = -A * torch.clamp(ratio, 1.0 - self.clip_range, 1.0 + self.clip_range)
-        policy_loss = torch.maximum(unclipped, clipped).mean().float()
+        policy_loss = clipped_surrogate(A, ratio, self.clip_range).float()
         info = {"policy_loss": policy_loss.detach(), "log_prob": log_prob.mean().detach().float(),
                 "clipfrac": ((ratio - 1).abs() > self.clip_range).float().mean()}
         loss = policy_loss
         if self.kl_beta > 0:
-            with torch.no_grad(), policy.reference():
-                v_ref = policy.predict(x_t, time, cond)
-            kl = ((v_theta - v_ref) ** 2).mean()
+            kl = reference_distance(policy, x_t, time, cond, v_theta)
             loss = loss + self.kl_beta * kl
             info["kl"] = kl.detach()
         return loss, info

@@ -85,6 +85,19 @@ class WeightCopy:
                 value.copy_(state[f"{prefix}{i}"])
 
 
+def clipped_surrogate(A: torch.Tensor, ratio: torch.Tensor, clip_range: float) -> torch.Tensor:
+    """PPO's loss mean[max(-A r, -A clip(r, 1 - eps, 1 + eps))]."""
+    clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(-A * ratio, -A * clipped).mean()
+
+
+def reference_distance(policy, x_t, time, cond, output: torch.Tensor) -> torch.Tensor:
+    """mean || output - output_ref ||^2 against the reference (base) model, no gradient through it."""
+    with torch.no_grad(), policy.reference():
+        reference = policy.predict(x_t, time, cond)
+    return ((output - reference) ** 2).mean()
+
+
 def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
     """SD3's time shift t -> s t / (1 + (s - 1) t); s > 1 moves training towards noisier times."""
     return shift * t / (1 + (shift - 1) * t)

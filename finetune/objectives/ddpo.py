@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from finetune.advantages import clip_advantages
-from finetune.objectives.base import Objective
+from finetune.objectives.base import Objective, clipped_surrogate
 
 
 class DDPO(Objective):
@@ -40,9 +40,7 @@ class DDPO(Objective):
         step = policy.step(policy.predict(x_t, t, batch["cond"]), t, x_t, prev_sample=batch["x_prev"])
         A = clip_advantages(batch["advantages"], self.adv_clip_max)
         ratio = torch.exp(step.log_prob - batch["old_log_prob"])
-        unclipped = -A * ratio
-        clipped = -A * torch.clamp(ratio, 1.0 - self.clip_range, 1.0 + self.clip_range)
-        loss = torch.maximum(unclipped, clipped).mean()
+        loss = clipped_surrogate(A, ratio, self.clip_range)
         info = {"policy_loss": loss.detach(), "clipfrac": ((ratio - 1).abs() > self.clip_range).float().mean(),
                 "approx_kl": 0.5 * ((step.log_prob - batch["old_log_prob"]) ** 2).mean().detach()}
         if self.kl_beta > 0:

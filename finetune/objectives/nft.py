@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from finetune.advantages import clip_advantages
-from finetune.objectives.base import Objective, WeightCopy, permuted_grid_times
+from finetune.objectives.base import Objective, WeightCopy, permuted_grid_times, reference_distance
 
 # The official decay schedules: (flat, uprate, cap).
 DECAY_TYPES = {0: (0, 0.0, 0.0), 1: (0, 0.001, 0.5), 2: (75, 0.0075, 0.999)}
@@ -109,9 +109,7 @@ class DiffusionNFT(Objective):
                 "loss_neg": loss_neg.mean().detach()}
         loss = policy_loss
         if self.kl_beta > 0:
-            with torch.no_grad(), policy.reference():
-                v_ref = policy.predict(x_t, time, cond)
-            kl = ((v_theta - v_ref) ** 2).mean()
+            kl = reference_distance(policy, x_t, time, cond, v_theta)
             loss = loss + self.kl_beta * kl
             info["kl"] = kl.detach()
         return loss, info
