@@ -22,12 +22,17 @@ def write_prompt(root: str | Path, index: int, metadata: dict, images: list[Imag
         image.save(folder / "samples" / f"{j:04d}.png")
 
 
-def iter_images(root: str | Path) -> Iterator[tuple[str, dict, Path]]:
-    """Yield (filename relative to root, metadata, path) for every sample, in folder order."""
+def iter_images(root: str | Path, prompt_indices: list[int] | None = None) -> Iterator[tuple[str, dict, Path]]:
+    """Yield (filename relative to root, metadata, path) for every sample, in folder order.
+
+    ``prompt_indices`` limits it to those prompt folders (a process's shard).
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"images folder {root} does not exist")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and p.name.isdigit())
+    if prompt_indices is not None:
+        folders = [prompt_dir(root, i) for i in prompt_indices]
     if not folders:
         raise ValueError(f"{root} is not in GenEval's layout: expected numbered prompt folders "
                          "(00000/metadata.jsonl, 00000/samples/0000.png, ...)")

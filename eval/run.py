@@ -7,7 +7,6 @@ writes the results once, in prompt order, so the files equal those of a single-p
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -59,7 +58,7 @@ def geneval_model(model: str, out: str | Path, lora: str | None = None, metadata
     """Generate ``out/images`` (GenEval layout), score it, write ``out/results.jsonl`` and a grid."""
     from eval import geneval
     from eval.generate import generate
-    from eval.layout import load_image
+    from eval.layout import iter_images, load_image
     from eval.report import folder_grid
     from finetune.models.hub import load_pipeline
 
@@ -72,11 +71,8 @@ def geneval_model(model: str, out: str | Path, lora: str | None = None, metadata
     out = Path(out)
     generate(pipe, records, out / "images", images_per_prompt, seed, batch_size,
              progress=state.is_main_process, prompt_indices=mine, **_sampler(steps, guidance))
-    rows = []
-    for i in mine:
-        folder = out / "images" / f"{i:05d}"
-        for filename, meta, path in iter_images_of(folder, out / "images"):
-            rows.append(geneval.evaluate_image(detector, load_image(path), meta, filename))
+    rows = [geneval.evaluate_image(detector, load_image(path), meta, filename)
+            for filename, meta, path in iter_images(out / "images", prompt_indices=mine)]
     rows = sorted(_gather(rows), key=lambda r: r["filename"])
     state.wait_for_everyone()
     if not state.is_main_process:
@@ -84,13 +80,6 @@ def geneval_model(model: str, out: str | Path, lora: str | None = None, metadata
     summary = geneval.write_results(rows, out / "results.jsonl")
     folder_grid(out / "images", out / "grid.png")
     return summary
-
-
-def iter_images_of(folder: Path, root: Path):
-    """The samples of one prompt folder, named relative to ``root`` like ``iter_images``."""
-    meta = json.loads((folder / "metadata.jsonl").read_text().splitlines()[0])
-    for path in sorted((folder / "samples").glob("*.png")):
-        yield str(path.relative_to(root)), meta, path
 
 
 def mean_ci(values) -> dict:
