@@ -94,8 +94,6 @@ def reward_model(model: str, rewards: list[str], prompts: str, lora: str | None 
                  seed: int = 0, batch_size: int = 32, steps: int | None = None,
                  guidance: float | None = None) -> dict[str, dict] | None:
     """Score a model's samples of ``prompts`` with each reward: {reward: mean/std/ci95/n}."""
-    import torch
-
     from eval.generate import SHAPES_SAMPLER, image_seed, initial_noise
     from finetune.models.hub import load_pipeline
     from rewards.base import build_reward, check_finite

@@ -1,7 +1,5 @@
 """The trainer end to end on tiny random models: learning, resume, LoRA export, bad input."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
