@@ -40,3 +40,41 @@ def folder_grid(images: str | Path, out: str | Path, per_prompt: int = 1, cols: 
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)
     return out
+
+
+def category_grids(images: str | Path, rows: list[dict], out: str | Path, per_prompt: int = 4,
+                   max_prompts: int = 8, label_width: int = 200) -> list[Path]:
+    """One PNG per GenEval task: a row per prompt (its text, then its samples), each sample framed
+    green if the rules judged it correct and red if not, so failures are seen at a glance."""
+    from PIL import ImageDraw, ImageOps
+
+    correct = {r["filename"]: bool(r["correct"]) for r in rows}
+    by_tag: dict[str, dict[str, list]] = {}
+    for filename, metadata, path in iter_images(images):
+        prompts = by_tag.setdefault(metadata.get("tag", "untagged"), {})
+        samples = prompts.setdefault(metadata["prompt"], [])
+        if len(samples) < per_prompt:
+            samples.append((load_image(path), correct.get(filename)))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for tag, prompts in by_tag.items():
+        prompts = dict(list(prompts.items())[:max_prompts])
+        size = next(iter(prompts.values()))[0][0].size[0] + 8
+        sheet = Image.new("RGB", (label_width + per_prompt * size, len(prompts) * size), "white")
+        draw = ImageDraw.Draw(sheet)
+        for row, (prompt, samples) in enumerate(prompts.items()):
+            draw.text((4, row * size + 4), _wrap(prompt, label_width // 6), fill="black")
+            for col, (image, ok) in enumerate(samples):
+                frame = {True: (0, 160, 0), False: (200, 0, 0), None: (160, 160, 160)}[ok]
+                sheet.paste(ImageOps.expand(image, border=4, fill=frame), (label_width + col * size, row * size))
+        path = out / f"grid_{tag}.png"
+        sheet.save(path)
+        written.append(path)
+    return written
+
+
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))

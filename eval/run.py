@@ -55,11 +55,11 @@ def _sampler(steps, guidance) -> dict:
 def geneval_model(model: str, out: str | Path, lora: str | None = None, metadata: str | None = None,
                   backend: str | None = None, images_per_prompt: int = 4, seed: int = 0, batch_size: int = 32,
                   steps: int | None = None, guidance: float | None = None) -> dict | None:
-    """Generate ``out/images`` (GenEval layout), score it, write ``out/results.jsonl`` and a grid."""
+    """Generate ``out/images`` (GenEval layout), score it, write ``out/results.jsonl``, a grid and per-task grids."""
     from eval import geneval
     from eval.generate import generate
     from eval.layout import iter_images, load_image
-    from eval.report import folder_grid
+    from eval.report import category_grids, folder_grid
     from finetune.models.hub import load_pipeline
 
     metadata = metadata or default_metadata(model)
@@ -79,6 +79,7 @@ def geneval_model(model: str, out: str | Path, lora: str | None = None, metadata
         return None
     summary = geneval.write_results(rows, out / "results.jsonl")
     folder_grid(out / "images", out / "grid.png")
+    category_grids(out / "images", rows, out / "grids", per_prompt=images_per_prompt)
     return summary
 
 

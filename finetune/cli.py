@@ -33,19 +33,22 @@ def cmd_shapes_render(args) -> None:
 
 def cmd_eval_geneval(args) -> None:
     from eval import geneval
+    from eval.report import category_grids
     from eval.run import default_metadata, geneval_model
 
     if (args.images is None) == (args.model is None):
         raise ValueError("give --images DIR (score an existing folder) or --model NAME (generate, then score)")
     if args.images:
         backend = geneval.get_backend(args.backend or "shapes")
-        summary = geneval.write_results(geneval.score_folder(args.images, backend), args.out)
+        rows = geneval.score_folder(args.images, backend)
+        summary = geneval.write_results(rows, args.out)
+        category_grids(args.images, rows, Path(args.out).parent / "grids")
     else:
         summary = geneval_model(args.model, args.out, args.lora, args.metadata, args.backend, args.images_per_prompt,
                                 args.seed, args.batch_size, args.steps, args.guidance)
         if summary is None:  # not the main process
             return
-        print(f"metadata: {args.metadata or default_metadata(args.model)}; images, results.jsonl and grid.png in {args.out}")
+        print(f"metadata: {args.metadata or default_metadata(args.model)}; images, results.jsonl, grid.png and grids/ (one per task) in {args.out}")
     print(geneval.format_summary(summary))
 
 

@@ -61,3 +61,26 @@ def test_rewards_list_and_score(tmp_path, capsys):
     assert main(["rewards", "score", "--reward", "jpeg_compressibility", "--images", str(png),
                  "--prompts", "anything"]) == 0
     assert "over 1 images" in capsys.readouterr().out
+
+
+def test_category_grids_frame_correct_and_wrong_samples(tmp_path):
+    from PIL import Image
+
+    from eval import geneval
+    from eval.report import category_grids
+    from eval.shapes import grammar
+
+    records = [r for r in grammar.split("eval") if r["tag"] in ("counting", "colors")][:5]
+    meta = tmp_path / "m.jsonl"
+    grammar.write_jsonl(records, meta)
+    main(["shapes", "render", "--metadata", str(meta), "--out", str(tmp_path / "gt"), "--images-per-prompt", "2"])
+    rows = geneval.score_folder(tmp_path / "gt", geneval.get_backend("shapes"), progress=False)
+    assert all(r["correct"] for r in rows)
+    rows[0]["correct"] = False  # pretend the first sample of the first prompt failed
+    paths = category_grids(tmp_path / "gt", rows, tmp_path / "grids", per_prompt=2, max_prompts=3)
+    assert sorted(p.name for p in paths) == sorted(f"grid_{t}.png" for t in {r["tag"] for r in records})
+    first = Image.open(tmp_path / "grids" / f"grid_{records[0]['tag']}.png").convert("RGB")
+    n_rows = min(3, sum(r["tag"] == records[0]["tag"] for r in records))
+    assert first.size == (200 + 2 * 72, n_rows * 72)
+    assert first.getpixel((201, 1)) == (200, 0, 0)  # the failed sample: red frame
+    assert first.getpixel((200 + 72 + 1, 1)) == (0, 160, 0)  # its neighbour: green frame
