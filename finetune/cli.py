@@ -141,6 +141,22 @@ def cmd_train(args) -> None:
     print(f"outputs in {cfg.output_dir}")
 
 
+def cmd_diagnose_snr(args) -> None:
+    from finetune.config import load_config
+    from finetune.diagnostics import measure
+
+    cfg = load_config(args.config, ["eval.every=0", "log.tensorboard=false", "log.wandb=false", "resume=false",
+                                    f"output_dir={args.out}", *args.overrides])
+    r = measure(cfg, args.batches)
+    n = cfg.sample.groups_per_epoch * cfg.sample.group_size
+    print(f"{cfg.objective.name} on {cfg.model.path}, reward {cfg.reward if isinstance(cfg.reward, str) else dict(cfg.reward)}")
+    print(f"mean training reward {r['reward_mean']:.3f}, gradient norm {r['gradient_norm']:.3g}")
+    print(f"cosine between independent {n}-sample epoch gradients: {r['mean_cos']:.3f} ± {r['cos_sem']:.3f} "
+          f"({len(r['cosines'])} pairs)")
+    print(f"per-sample SNR {r['per_sample_snr']:.2e}; samples per optimizer step for SNR 1: "
+          f"{r['samples_for_snr_1']:.0f}")
+
+
 def cmd_lora_merge(args) -> None:
     from finetune.models.hub import merge_lora
 
@@ -258,6 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="e.g. configs/ddpo_shapes_sd.yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=5")
     p.set_defaults(func=cmd_train)
+
+    dg = sub.add_parser("diagnose", help="diagnostics").add_subparsers(dest="diagnose_command", required=True)
+    p = dg.add_parser("snr", help="gradient signal-to-noise of a recipe's objective (finetune/diagnostics.py)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--batches", type=int, default=4, help="independent epochs to compare (pairs: n(n-1)/2)")
+    p.add_argument("--out", default="runs/diagnose", help="scratch output_dir")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_diagnose_snr)
 
     rw = sub.add_parser("rewards", help="reward models").add_subparsers(dest="rewards_command", required=True)
     p = rw.add_parser("list", help="built-in rewards and installed plugins")
