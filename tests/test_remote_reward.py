@@ -146,3 +146,40 @@ def test_cli_reward_serve():
         proc.terminate()
         output = proc.communicate(timeout=10)[0]
     assert f"at http://127.0.0.1:{port}" in output
+
+
+def tiny_recipe(model_dir, out, reward, epochs):
+    from finetune.config import load_config
+
+    return load_config("configs/flow_grpo_shapes_flow.yaml", [
+        f"model.path={model_dir}", f"output_dir={out}", "cpu=true", f"reward={reward}", f"train.epochs={epochs}",
+        "model.num_steps=2", "sample.groups_per_epoch=1", "sample.group_size=4", "sample.batch_size=4",
+        "train.batch_size=4", "eval.every=0", "log.tensorboard=false"])
+
+
+def test_trainer_against_a_served_reward_then_the_server_dies(server_for, tmp_path):
+    from safetensors.torch import load_file
+
+    from finetune import checkpoint
+    from finetune.trainer import Trainer
+    from tests.helpers import tiny_sd3
+
+    tiny_sd3().save_pretrained(tmp_path / "model")
+    local = Trainer(tiny_recipe(tmp_path / "model", tmp_path / "local", "brightness", 2)).train()
+    server = server_for("brightness")
+    remote_spec = "{name: remote, url: '" + server.url + "', retries: 2, backoff: 0.01, timeout: 5}"
+    remote = Trainer(tiny_recipe(tmp_path / "model", tmp_path / "remote", remote_spec, 2)).train()
+    # Same rollouts, same scores over the wire: the training histories agree.
+    for a, b in zip(local, remote):
+        assert a["reward_mean"] == pytest.approx(b["reward_mean"], abs=1e-6)
+    server.shutdown()
+    server.server_close()
+    latest = tmp_path / "remote" / "checkpoints" / "latest"
+    saved = latest.read_text()
+    with pytest.raises(ConnectionError, match="diffrl reward serve"):
+        Trainer(tiny_recipe(tmp_path / "model", tmp_path / "remote", remote_spec, 4)).train()
+    # The run resumed at epoch 2, failed in epoch 3's rewards, and left epoch 2's checkpoint as the latest.
+    assert latest.read_text() == saved == "checkpoint-2"
+    folder = checkpoint.latest(tmp_path / "remote" / "checkpoints")
+    assert json.loads((folder / "state.json").read_text())["epoch"] == 2
+    assert load_file(folder / "trainable.safetensors")

@@ -100,3 +100,24 @@ def test_mix_logs_components_and_sums_them(site):
     torch.testing.assert_close(out.info["redness"], red - 0.5 * green - 0.5 * blue)
     torch.testing.assert_close(out.info["brightness"], images.mean(dim=(1, 2, 3)))
     torch.testing.assert_close(out.scores, 0.5 * out.info["redness"] + 2.0 * out.info["brightness"])
+
+
+def test_example_plugin_trains(site, tmp_path):
+    """The entry-point reward drives a real (tiny) training run; its scores reach the trainer."""
+    from finetune.config import load_config
+    from finetune.trainer import Trainer
+    from tests.helpers import tiny_sd3
+
+    tiny_sd3().save_pretrained(tmp_path / "model")
+    cfg = load_config("configs/flow_grpo_shapes_flow.yaml", [
+        f"model.path={tmp_path / 'model'}", f"output_dir={tmp_path / 'run'}", "cpu=true", "reward=redness",
+        "train.epochs=2", "model.num_steps=2", "sample.groups_per_epoch=1", "sample.group_size=4",
+        "sample.batch_size=4", "train.batch_size=4", "train.lr=1e-2", "eval.every=0", "log.tensorboard=false"])
+    trainer = Trainer(cfg)
+    before = [p.detach().clone() for p in trainer.params]
+    history = trainer.train()
+    assert trainer.reward.name == "redness" and "diffrl_reward_example" in sys.modules
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(h["reward_mean"])) for h in history)
+    assert any(not torch.equal(p, q) for p, q in zip(trainer.params, before))  # the optimizer really stepped
+    assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").exists()

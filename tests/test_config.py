@@ -1,0 +1,31 @@
+"""Recipe configs: base merging, dotted overrides, and switching a component by name."""
+
+from finetune.config import load_config
+
+RECIPE = "configs/demo/ddpo_shapes_sd.yaml"
+
+
+def test_dotted_overrides_merge_into_the_recipe():
+    cfg = load_config(RECIPE, ["objective.clip_range=0.1", "reward.partial_credit=false", "train.lr=1e-5"])
+    assert dict(cfg.objective) == {"name": "ddpo", "clip_range": 0.1, "adv_clip_max": 5.0}
+    assert dict(cfg.reward) == {"name": "geneval", "partial_credit": False}
+    assert cfg.train.lr == 1e-5 and cfg.train.batch_size == 8  # the rest of the recipe is kept
+
+
+def test_switching_a_component_drops_the_old_components_options():
+    cfg = load_config(RECIPE, ["objective.name=nft", "objective.beta=0.5"])
+    assert dict(cfg.objective) == {"name": "nft", "beta": 0.5}  # no DDPO clip_range left for NFT
+    cfg = load_config(RECIPE, ["reward={name: pickscore, model: shapes-clip}"])
+    assert dict(cfg.reward) == {"name": "pickscore", "model": "shapes-clip"}  # no geneval partial_credit
+    cfg = load_config(RECIPE, ["reward={pickscore: 1.0, jpeg_compressibility: 0.1}"])
+    assert dict(cfg.reward) == {"pickscore": 1.0, "jpeg_compressibility": 0.1}
+    assert load_config(RECIPE, ["objective.name=ddpo"]).objective.clip_range == 0.2  # same name: merged
+
+
+def test_switched_objective_builds(tmp_path):
+    from finetune.objectives import build_objective
+
+    cfg = load_config(RECIPE, ["objective.name=nft"])
+    options = dict(cfg.objective)
+    objective = build_objective(options.pop("name"), "sd", **options)
+    assert type(objective).__name__ == "DiffusionNFT" and objective.beta == 1.0
