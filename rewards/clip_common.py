@@ -3,7 +3,8 @@
 ``ModelReward`` loads its model on the first call (building a reward in a config costs nothing, and
 a run that never scores never loads), puts it on one device and dtype once, and scores in chunks of
 ``batch_size``. ``CLIPReward`` adds a transformers ``CLIPModel`` + processor loaded with
-``from_pretrained`` from a hub id or a local folder. Nothing here passes ``trust_remote_code``.
+``from_pretrained`` from a hub id, a local folder or the short name of a CLIP shipped in ``assets/``
+(``shapes-clip``, built by ``launch/train_shapes_clip.py``). Nothing here passes ``trust_remote_code``.
 
 Hub ids only work where the model is already in the Hugging Face cache or the hub is reachable;
 offline (``HF_HUB_OFFLINE=1``) a missing one fails with a message asking for a local path.
@@ -17,6 +18,7 @@ import torch
 
 from rewards.base import Reward, RewardOutput, to_pil
 
+SHIPPED_CLIP = ("shapes-clip",)
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -34,6 +36,19 @@ def resolve_dtype(dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def resolve_shipped(source: str) -> str:
+    """The folder of a shipped CLIP for its short name (``shapes-clip``); any other source unchanged."""
+    if source not in SHIPPED_CLIP:
+        return source
+    from finetune.models.hub import ASSETS
+
+    folder = ASSETS / source
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"shipped CLIP {source!r} not found in {ASSETS}; rebuild it with "
+                                "launch/train_shapes_clip.py or set DIFFRL_ASSETS to the folder holding it")
+    return str(folder)
 
 
 def looks_like_path(source: str) -> bool:
@@ -130,12 +145,14 @@ class ModelReward(Reward):
 
 
 class CLIPReward(ModelReward):
-    """A ``CLIPModel`` and its processor, from hub ids or local folders (``processor`` defaults to ``model``)."""
+    """A ``CLIPModel`` and its processor, from hub ids, local folders or ``shapes-clip`` (``processor``
+    defaults to ``model``)."""
 
     def __init__(self, model: str, processor: str | None = None, batch_size: int = 16, device=None, dtype=None,
                  max_length: int = 77):
         super().__init__(batch_size, device, dtype)
-        self.model_source, self.processor_source = model, processor or model
+        self.model_source = resolve_shipped(model)
+        self.processor_source = resolve_shipped(processor) if processor else self.model_source
         self.max_length = max_length
         check_source(self.model_source, f"{self.name} model")
         check_source(self.processor_source, f"{self.name} processor")
