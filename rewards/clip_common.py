@@ -146,11 +146,13 @@ class ModelReward(Reward):
 
 class CLIPReward(ModelReward):
     """A ``CLIPModel`` and its processor, from hub ids, local folders or ``shapes-clip`` (``processor``
-    defaults to ``model``)."""
+    defaults to ``model``; ``shapes-clip`` always brings its own unless given a local processor folder)."""
 
     def __init__(self, model: str, processor: str | None = None, batch_size: int = 16, device=None, dtype=None,
                  max_length: int = 77):
         super().__init__(batch_size, device, dtype)
+        if model in SHIPPED_CLIP and not (processor and Path(processor).expanduser().exists()):
+            processor = model  # its tokenizer is its own: no hub processor (PickScore's default) fits it
         self.model_source = resolve_shipped(model)
         self.processor_source = resolve_shipped(processor) if processor else self.model_source
         self.max_length = max_length

@@ -18,7 +18,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 FOLDER = hub.ASSETS / "shapes-clip"
 SEED = 5_000_000  # neither the training seeds nor those of the script's final evaluation
-TOP1_THRESHOLD = 0.75  # measured: see the module docstring of launch/train_shapes_clip.py
+TOP1_THRESHOLD = 0.80  # the shipped model gets 0.871 here (2 renders x 62 prompts), 0.849 on the script's 8 x 62
 
 
 def renders(records, per_record, seed=SEED):
@@ -34,8 +34,8 @@ def pickscore():
 
 def test_short_name_resolves_to_the_shipped_folder(pickscore):
     assert pickscore.model_source == pickscore.processor_source == str(FOLDER)
-    clipscore = build_reward({"name": "clipscore", "model": "shapes-clip"})
-    assert clipscore.processor_source == str(FOLDER)
+    for name in ("pickscore", "clipscore"):  # it brings its own processor: PickScore's default hub one cannot fit it
+        assert build_reward({"name": name, "model": "shapes-clip"}).processor_source == str(FOLDER)
     weights = [f for f in FOLDER.iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".ckpt")]
     assert [f.name for f in weights] == ["model.safetensors"]
     assert sum(f.stat().st_size for f in FOLDER.rglob("*")) <= 10 * 2**20
