@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from eval.layout import write_prompt
+from finetune.models.hub import call_kwargs
 
 # Sampler settings of the shipped shapes models (documented in README).
 SHAPES_SAMPLER = {"num_inference_steps": 20, "guidance_scale": 4.0}
@@ -40,7 +41,7 @@ def generate(pipe, records: list[dict], out: str | Path, images_per_prompt: int 
     ``prompt_indices`` restricts the work to some prompts (a process's shard); seeds and folder
     names still follow the prompt's index in ``records``.
     """
-    sampler = {**SHAPES_SAMPLER, **sampler}
+    sampler = {**SHAPES_SAMPLER, **call_kwargs(pipe), **sampler}
     indices = range(len(records)) if prompt_indices is None else prompt_indices
     jobs = [(i, j) for i in indices for j in range(images_per_prompt)]
     images: dict[int, list] = {i: [] for i in indices}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.models.hub import SHIPPED
+from finetune.models.hub import SHIPPED, call_kwargs
 
 
 def load_records(source: str) -> list[dict]:
@@ -64,7 +64,9 @@ def geneval_model(model: str, out: str | Path, lora: str | None = None, metadata
 
     metadata = metadata or default_metadata(model)
     records = load_records(metadata)
-    detector = geneval.get_backend(backend or default_backend(metadata))  # fail before generating
+    detector = geneval.get_backend(backend or default_backend(metadata))
+    if hasattr(detector, "check_classes"):  # loads the detector: a missing model fails before generating
+        detector.check_classes({c["class"] for r in records for c in r["include"]})
     state = _state()
     pipe = load_pipeline(model, lora=lora).to(state.device)
     mine = list(range(state.process_index, len(records), state.num_processes))
@@ -103,7 +105,7 @@ def reward_model(model: str, rewards: list[str], prompts: str, lora: str | None 
     scorers = [build_reward(name) for name in rewards]  # fail before generating
     state = _state()
     pipe = load_pipeline(model, lora=lora).to(state.device)
-    sampler = {**SHAPES_SAMPLER, **_sampler(steps, guidance)}
+    sampler = {**SHAPES_SAMPLER, **call_kwargs(pipe), **_sampler(steps, guidance)}
     jobs = [(i, j) for i in range(state.process_index, len(records), state.num_processes)
             for j in range(images_per_prompt)]
     scores: dict[str, list[float]] = {name: [] for name in rewards}

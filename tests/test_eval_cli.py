@@ -74,6 +74,9 @@ def test_eval_bad_input(setup, tmp_path, capsys):
     assert main(["eval", "geneval", "--model", str(setup / "model"), "--metadata", str(bad), "--out", str(tmp_path / "z")]) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
     assert main(["eval", "reward", "--reward", "nope", "--model", str(setup / "model"), "--prompts", str(bad)]) == 2
+    # A detector that cannot load (offline, not cached) fails before any image is generated.
+    assert main(geneval_args(setup, tmp_path / "w", "--backend", "hf")) == 2
+    assert "pass a local path" in capsys.readouterr().err and not (tmp_path / "w" / "images").exists()
 
 
 def test_mean_ci_matches_scipy():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from finetune.models.base import Policy, Step
+from finetune.models.hub import call_kwargs
 from finetune.models.sd import gaussian_log_prob
 
 
@@ -67,6 +68,9 @@ class FlowPolicy(Policy):
 
     def __init__(self, pipe, guidance_scale: float = 4.0, num_steps: int = 20, noise_level: float = 0.7):
         super().__init__(pipe, guidance_scale, num_steps, noise_level)
+        # T5 positions of the prompt embedding; without a T5 encoder they are zeros. SD3 was trained
+        # with them (diffusers' default 256); a model trained without them declares 0 in its folder.
+        self.max_sequence_length = call_kwargs(pipe).get("max_sequence_length", 256)
 
     @property
     def denoiser(self):
@@ -80,7 +84,8 @@ class FlowPolicy(Policy):
     def encode(self, prompts):
         prompts = list(prompts)
         embeds, neg, pooled, neg_pooled = self.pipe.encode_prompt(
-            prompts, prompts, prompts, device=self.device, do_classifier_free_guidance=self.use_guidance)
+            prompts, prompts, prompts, device=self.device, do_classifier_free_guidance=self.use_guidance,
+            max_sequence_length=self.max_sequence_length)
         cond = {"embeds": embeds, "pooled": pooled}
         if self.use_guidance:
             cond.update(neg=neg, neg_pooled=neg_pooled)

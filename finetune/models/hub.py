@@ -8,6 +8,10 @@ from pathlib import Path
 
 ASSETS = Path(os.environ.get("DIFFRL_ASSETS", Path(__file__).resolve().parents[2] / "assets"))
 SHIPPED = ("shapes-sd", "shapes-flow")
+# model_index.json key for keyword arguments that every call of this model's pipeline needs, e.g.
+# {"max_sequence_length": 0} for an SD3 pipeline trained without T5 positions (shapes-flow).
+# diffusers ignores it; load_pipeline puts it on ``pipe.call_kwargs``.
+CALL_KWARGS_KEY = "_diffrl_call_kwargs"
 
 
 def resolve(name_or_path: str | os.PathLike) -> str:
@@ -44,7 +48,7 @@ def load_pipeline(name_or_path: str, torch_dtype=None, lora: str | os.PathLike |
     location = resolve(name_or_path)
     if lora is not None:
         check_lora(lora)  # before the (slow) model load
-    kwargs = {}
+    kwargs, call_kwargs = {}, {}
     index = Path(location) / "model_index.json"
     if index.exists():
         # Components saved as [null, null] (e.g. SD3 without its optional T5) must be passed as None.
@@ -52,6 +56,7 @@ def load_pipeline(name_or_path: str, torch_dtype=None, lora: str | os.PathLike |
         kwargs = {k: None for k, v in components.items() if v == [None, None]}
         if components.get("_class_name") == "StableDiffusion3Pipeline":
             kwargs.update({k: None for k in ("text_encoder_3", "tokenizer_3") if k not in components})
+        call_kwargs = components.get(CALL_KWARGS_KEY, {})
     try:
         pipe = DiffusionPipeline.from_pretrained(location, torch_dtype=torch_dtype, **kwargs)
     except OSError as err:
@@ -60,6 +65,7 @@ def load_pipeline(name_or_path: str, torch_dtype=None, lora: str | os.PathLike |
                           "to a downloaded diffusers folder instead.") from err
         raise
     pipe.set_progress_bar_config(disable=True)
+    pipe.call_kwargs = call_kwargs
     if lora is not None:
         load_lora(pipe, lora)
     return pipe
@@ -81,5 +87,20 @@ def merge_lora(base: str, lora_dir: str | os.PathLike, out: str | os.PathLike):
     pipe = load_pipeline(base, lora=lora_dir)
     pipe.fuse_lora()
     pipe.unload_lora_weights()
-    pipe.save_pretrained(out, safe_serialization=True)
+    save_pipeline(pipe, out)
     return pipe
+
+
+def call_kwargs(pipe) -> dict:
+    """Keyword arguments every call of ``pipe`` needs (declared by its folder; see CALL_KWARGS_KEY)."""
+    return dict(getattr(pipe, "call_kwargs", None) or {})
+
+
+def save_pipeline(pipe, out: str | os.PathLike) -> None:
+    """``save_pretrained`` (safetensors) that keeps the pipeline's declared call keyword arguments."""
+    pipe.save_pretrained(out, safe_serialization=True)
+    if call_kwargs(pipe):
+        index = Path(out) / "model_index.json"
+        components = json.loads(index.read_text())
+        components[CALL_KWARGS_KEY] = call_kwargs(pipe)
+        index.write_text(json.dumps(components, indent=2) + "\n")
