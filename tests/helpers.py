@@ -1,6 +1,7 @@
 """Tiny random pipelines shared by tests (built from configs; nothing downloaded)."""
 
 import functools
+from pathlib import Path
 
 import torch
 
@@ -27,22 +28,26 @@ def tiny_sd3(seed=0):
                              tokenizer_dir=tokenizer_dir(), **TEST_SIZES)
 
 
-def with_shipped_vae(pipe):
-    """Swap in the shipped shapes VAE: decoded images then really depend on the latents, so a
-    pixel-level reward gives a learnable signal (a random VAE decodes everything to flat grey)."""
+RESPONSIVE_VAE = Path(__file__).resolve().parent / "assets" / "responsive_vae"
+
+
+def with_responsive_vae(pipe):
+    """Swap in a trained shapes VAE whose decoded brightness follows the latents, so that a pixel-level
+    reward gives a tiny random denoiser a learnable signal. A random VAE decodes everything to flat
+    grey, and the shipped VAE, trained twice as long, decodes off-distribution latents to background.
+    This one is the shapes VAE of a shorter pretraining: `launch/pretrain_shapes.py --stage vae
+    --vae-steps 1200 --threads 2` (latents 4x16x16)."""
     from diffusers import AutoencoderKL
 
-    from finetune.models.hub import ASSETS
-
-    pipe.vae = AutoencoderKL.from_pretrained(ASSETS / "shapes-flow" / "vae")
+    pipe.vae = AutoencoderKL.from_pretrained(RESPONSIVE_VAE)
     return pipe
 
 
-def tiny_on_shipped_vae(family, seed=0):
+def tiny_on_responsive_vae(family, seed=0):
     torch.manual_seed(seed)
     sizes = dict(tokenizer_dir=tokenizer_dir(), latent_size=16)
     if family == "sd":
         pipe = tiny.sd_pipeline(unet_channels=(16, 32), text_hidden=32, text_layers=1, **sizes)
     else:
         pipe = tiny.sd3_pipeline(layers=1, head_dim=16, heads=2, text_hidden=32, text_layers=1, **sizes)
-    return with_shipped_vae(pipe)
+    return with_responsive_vae(pipe)

@@ -8,7 +8,7 @@ from scipy.stats import linregress
 from finetune.config import load_config
 from finetune.models.hub import load_pipeline, merge_lora
 from finetune.trainer import Trainer
-from tests.helpers import tiny_on_shipped_vae, tiny_sd, tiny_sd3
+from tests.helpers import tiny_on_responsive_vae, tiny_sd, tiny_sd3
 
 CONFIGS = {"sd": "configs/ddpo_shapes_sd.yaml", "flow": "configs/flow_grpo_shapes_flow.yaml",
            "nft": "configs/nft_shapes_flow.yaml", "awm": "configs/awm_shapes_flow.yaml"}
@@ -112,8 +112,8 @@ def test_bad_input_errors(models, tmp_path):
     ("awm", ["train.gradient_accumulation_steps=1", "lora.enabled=false", "train.lr=3e-3", "train.epochs=24"]),
 ])
 def test_brightness_reward_rises(tmp_path, family, extra):
-    """A short real run on a tiny random denoiser (shipped VAE): the pixel reward must go up."""
-    tiny_on_shipped_vae(FAMILY[family]).save_pretrained(tmp_path / "model")
+    """A short real run on a tiny random denoiser (on a trained VAE): the pixel reward must go up."""
+    tiny_on_responsive_vae(FAMILY[family]).save_pretrained(tmp_path / "model")
     cfg = load_config(CONFIGS[family], [
         f"model.path={tmp_path / 'model'}", f"output_dir={tmp_path / 'run'}", "cpu=true", "reward=brightness",
         "model.num_steps=4", "sample.groups_per_epoch=2", "sample.group_size=8", "sample.batch_size=16",
