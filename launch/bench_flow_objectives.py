@@ -28,7 +28,9 @@ def time_to_reach(evals: list[dict], target: float) -> float | None:
 def table(curves: dict[str, list[dict]]) -> str:
     reference = curves.get("flow_grpo")
     target = reference[-1]["geneval_overall"] if reference else None
-    ref_time = time_to_reach(reference, target) if reference else None
+    if reference and target <= reference[0]["geneval_overall"]:
+        target = None  # Flow-GRPO did not improve on the base: "time to reach it" would be 0 for everyone
+    ref_time = time_to_reach(reference, target) if target is not None else None
     lines = ["| objective | base | final | epochs | training s | s to reach Flow-GRPO's final | vs Flow-GRPO |",
              "|---|---|---|---|---|---|---|"]
     for name, evals in curves.items():
@@ -36,7 +38,7 @@ def table(curves: dict[str, list[dict]]) -> str:
         ratio = f"{reach / ref_time:.2f}x" if reach is not None and ref_time else "-"
         lines.append(f"| {name} | {evals[0]['geneval_overall']:.3f} | {evals[-1]['geneval_overall']:.3f} | "
                      f"{evals[-1]['epoch']} | {evals[-1]['time']:.0f} | "
-                     f"{'not reached' if reach is None else f'{reach:.0f}'} | {ratio} |")
+                     f"{'n/a' if target is None else 'not reached' if reach is None else f'{reach:.0f}'} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -71,14 +73,17 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="key=value overrides applied to every recipe")
     args = ap.parse_args()
 
+    # `--recipes a.yaml b.yaml key=value` would otherwise swallow the overrides as recipe names.
+    recipes = [r for r in args.recipes if "=" not in r]
+    overrides = [r for r in args.recipes if "=" in r] + args.overrides
     out = Path(args.out)
     curves = {}
-    for recipe in args.recipes:
+    for recipe in recipes:
         run_dir = out / Path(recipe).stem
         shutil.rmtree(run_dir, ignore_errors=True)
         cfg = load_config(recipe, [f"output_dir={run_dir}", f"train.max_minutes={args.minutes}", "train.epochs=100000",
                                    "eval.every=1", f"eval.every_minutes={args.eval_every_minutes}",
-                                   f"eval.guidance_scale={args.eval_guidance}", *args.overrides])
+                                   f"eval.guidance_scale={args.eval_guidance}", *overrides])
         history = Trainer(cfg).train()
         curves[cfg.objective.name] = [h for h in history if "geneval_overall" in h]
         (out / "curves.json").write_text(json.dumps(curves, indent=1) + "\n")  # partial results survive a crash
