@@ -28,6 +28,9 @@ from finetune.models import tiny
 from finetune.models.hub import load_pipeline, save_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
+# shapes-flow has no T5: only the CLIP tokens carry the prompt, and 256 zero T5 positions would quadruple
+# the cost of every joint-attention block. Training uses this and the saved folder declares it.
+FLOW_CALL_KWARGS = {"max_sequence_length": 0}
 
 
 def tag_balanced_prompts(n: int, seed: int) -> list[dict]:
@@ -127,10 +130,8 @@ def stage_denoiser(args, family: str) -> None:
             x_t = pipe.scheduler.add_noise(x0, noise, t)
             loss = F.mse_loss(denoiser(x_t, t, cond).sample, noise)
         else:
-            # No T5 positions: only the CLIP tokens carry the prompt, and 256 zero positions would
-            # quadruple the cost of every joint-attention block (the folder declares this below).
             cond, _, pooled, _ = pipe.encode_prompt(batch_prompts, batch_prompts, None, "cpu", 1, False,
-                                                    max_sequence_length=0)
+                                                    **FLOW_CALL_KWARGS)
             # SD3's logit-normal time sampling; the velocity target of rectified flow is eps - x0.
             t = torch.sigmoid(torch.randn(len(x0), generator=gen))
             x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
@@ -147,7 +148,7 @@ def stage_denoiser(args, family: str) -> None:
     ema.copy_to(params)
     out = args.assets / ("shapes-sd" if family == "sd" else "shapes-flow")
     if family == "flow":
-        pipe.call_kwargs = {"max_sequence_length": 0}
+        pipe.call_kwargs = FLOW_CALL_KWARGS
     save_pipeline(pipe, out)
     print(f"[{family}] saved {out}")
 

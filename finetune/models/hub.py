@@ -48,7 +48,7 @@ def load_pipeline(name_or_path: str, torch_dtype=None, lora: str | os.PathLike |
     location = resolve(name_or_path)
     if lora is not None:
         check_lora(lora)  # before the (slow) model load
-    kwargs, call_kwargs = {}, {}
+    kwargs, declared = {}, {}
     index = Path(location) / "model_index.json"
     if index.exists():
         # Components saved as [null, null] (e.g. SD3 without its optional T5) must be passed as None.
@@ -56,7 +56,7 @@ def load_pipeline(name_or_path: str, torch_dtype=None, lora: str | os.PathLike |
         kwargs = {k: None for k, v in components.items() if v == [None, None]}
         if components.get("_class_name") == "StableDiffusion3Pipeline":
             kwargs.update({k: None for k in ("text_encoder_3", "tokenizer_3") if k not in components})
-        call_kwargs = components.get(CALL_KWARGS_KEY, {})
+        declared = components.get(CALL_KWARGS_KEY, {})
     try:
         pipe = DiffusionPipeline.from_pretrained(location, torch_dtype=torch_dtype, **kwargs)
     except OSError as err:
@@ -65,7 +65,7 @@ def load_pipeline(name_or_path: str, torch_dtype=None, lora: str | os.PathLike |
                           "to a downloaded diffusers folder instead.") from err
         raise
     pipe.set_progress_bar_config(disable=True)
-    pipe.call_kwargs = call_kwargs
+    pipe.call_kwargs = declared
     if lora is not None:
         load_lora(pipe, lora)
     return pipe
