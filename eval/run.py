@@ -31,8 +31,12 @@ def default_metadata(model: str) -> str:
     return "shapes:eval" if model in SHIPPED else str(GENEVAL_METADATA)
 
 
-def default_backend(metadata: str) -> str:
-    return "shapes" if metadata.startswith("shapes:") else "hf"
+def default_backend(metadata: str, records: list[dict] | None = None) -> str:
+    """The shapes detector for shapes prompts (a ``shapes:`` split, or a file naming only shapes classes)."""
+    from eval.shapes.grammar import CLASSES
+
+    classes = {c["class"] for r in records or [] for c in r["include"] + r.get("exclude", [])}
+    return "shapes" if metadata.startswith("shapes:") or (classes and classes <= set(CLASSES)) else "hf"
 
 
 def _state():
@@ -64,7 +68,7 @@ def geneval_model(model: str, out: str | Path, lora: str | None = None, metadata
 
     metadata = metadata or default_metadata(model)
     records = load_records(metadata)
-    detector = geneval.get_backend(backend or default_backend(metadata))
+    detector = geneval.get_backend(backend or default_backend(metadata, records))
     if hasattr(detector, "check_classes"):  # loads the detector: a missing model fails before generating
         detector.check_classes({c["class"] for r in records for c in r["include"]})
     state = _state()

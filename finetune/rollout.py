@@ -20,6 +20,7 @@ class Rollout:
     timesteps: torch.Tensor | None = None  # (T,) the sampler's timesteps
     latents: torch.Tensor | None = None  # (B, T+1, C, H, W): x_T ... x_0 when a trajectory is recorded
     log_probs: torch.Tensor | None = None  # (B, T): log p(x_{t-1} | x_t) of each recorded step
+    stochastic_steps: torch.Tensor | None = None  # (B, T) bool: which steps sampled from the policy's noise
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -27,18 +28,24 @@ class Rollout:
 
 @torch.no_grad()
 def sample(policy: Policy, prompts: list[str], noise: torch.Tensor, metadata: list[dict] | None = None,
-           trajectory: bool = False, stochastic: bool = True, generator: torch.Generator | None = None) -> Rollout:
+           trajectory: bool = False, stochastic: bool = True, generator: torch.Generator | None = None,
+           window: tuple[int, int] | None = None) -> Rollout:
     """Run the sampler from ``noise``; record the per-step trajectory and log-probs if asked.
 
-    ``stochastic=False`` uses the deterministic sampler (DDIM eta=0 / Euler ODE).
+    ``stochastic=False`` uses the deterministic sampler (DDIM eta=0 / Euler ODE). ``window=(start,
+    end)`` makes only steps ``start <= i < end`` stochastic and the rest deterministic (Flow-GRPO-Fast):
+    the policy gradient then comes from the steps that decide the composition, without the noise
+    that the other steps' log-probs add to it.
     """
     cond = policy.encode(prompts)
     timesteps = policy.timesteps()
+    start, end = window if window is not None else (0, len(timesteps))
     x = noise
     path, log_probs = [x], []
-    for t in timesteps:
+    for i, t in enumerate(timesteps):
+        random_step = stochastic and start <= i < end
         step = policy.step(policy.predict(x, t, cond), t, x, generator=generator,
-                           noise=None if stochastic else 0.0)
+                           noise=None if random_step else 0.0)
         x = step.prev_sample.to(noise.dtype)
         if trajectory:
             path.append(x)
@@ -49,4 +56,6 @@ def sample(policy: Policy, prompts: list[str], noise: torch.Tensor, metadata: li
         timesteps=timesteps if trajectory else None,
         latents=torch.stack(path, 1) if trajectory else None,
         log_probs=torch.stack(log_probs, 1) if trajectory else None,
+        stochastic_steps=(torch.arange(len(timesteps)).ge(start) & torch.arange(len(timesteps)).lt(end)
+                          & stochastic).expand(len(prompts), -1).clone() if trajectory else None,
     )

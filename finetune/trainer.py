@@ -132,13 +132,22 @@ class Trainer:
         gen = epoch_generator(self.cfg.seed, epoch, acc.process_index, 1)
         self.policy.net = self.policy.denoiser  # sample with the bare module, outside DDP
         parts, scores, infos = [], [], []
+        if s.get("shared_noise"):
+            # DanceGRPO's shared initial noise: a group differs only by the sampler's own noise, so
+            # its reward spread (the advantage) measures the policy's actions, not the luck of x_T.
+            group_noise = torch.randn((len(groups), *self.policy.latent_shape()),
+                                      generator=epoch_generator(self.cfg.seed, epoch, acc.process_index, 3))
+            shared = group_noise.repeat_interleave(s.group_size, 0)
         for i in range(0, len(records), s.batch_size):
             chunk = records[i:i + s.batch_size]
-            noise = torch.randn((len(chunk), *self.policy.latent_shape()), generator=gen).to(acc.device)
+            if s.get("shared_noise"):
+                noise = shared[i:i + s.batch_size].to(acc.device)
+            else:
+                noise = torch.randn((len(chunk), *self.policy.latent_shape()), generator=gen).to(acc.device)
             with self.objective.rollout_context(self.policy):
                 ro = sample(self.policy, [r["prompt"] for r in chunk], noise, chunk,
                             trajectory="trajectory" in self.objective.needs, generator=gen,
-                            stochastic=not self.objective.deterministic_rollouts)
+                            stochastic=not self.objective.deterministic_rollouts, window=self.sde_window(gen))
             out = self.reward(ro.images, ro.prompts, ro.metadata)
             scores.append(check_finite(out.scores.float(), self.reward.name))
             infos.append(out.info)
@@ -157,6 +166,20 @@ class Trainer:
         for key in infos[0]:
             stats[f"reward/{key}"] = float(acc.gather(torch.cat([i[key] for i in infos]).float().to(acc.device)).mean())
         return rollout, mine.to(acc.device), stats
+
+    def sde_window(self, gen: torch.Generator) -> tuple[int, int] | None:
+        """Flow-GRPO-Fast: ``sample.sde_window_size`` consecutive stochastic steps per sampling batch,
+        starting uniformly in ``sample.sde_window_range`` (default: the first half of the steps)."""
+        size = self.cfg.sample.get("sde_window_size")
+        if not size:
+            return None
+        steps = self.cfg.model.num_steps
+        lo, hi = self.cfg.sample.get("sde_window_range") or (0, max(size, steps // 2))
+        if not (0 <= lo <= hi - size and hi <= steps):
+            raise ValueError(f"sample.sde_window_range [{lo}, {hi}] must hold a window of sample.sde_window_size "
+                             f"{size} within model.num_steps {steps}; widen the range or shrink the window")
+        start = int(torch.randint(lo, hi - size + 1, (1,), generator=gen))
+        return start, start + size
 
     def pick_prompt(self, rng: random.Random) -> dict:
         """A train prompt, uniformly, or (``prompts.balance: tag``) a tag uniformly and then one of its prompts.
@@ -201,13 +224,18 @@ class Trainer:
         """(sample, recorded step) minibatches: DDPO's random timestep subset per sample."""
         t_cfg, acc = self.cfg.train, self.accelerator
         n, T = rollout.log_probs.shape
-        n_train = max(1, int(T * t_cfg.timestep_fraction))
+        random_steps = rollout.stochastic_steps  # deterministic steps have no log-prob to train
+        counts = random_steps.sum(1)
+        if counts.min() != counts.max() or counts.min() == 0:
+            raise ValueError("every sample needs the same, non-zero number of stochastic steps to train on")
+        n_train = max(1, int(int(counts[0]) * t_cfg.timestep_fraction))
         gen = epoch_generator(self.cfg.seed, epoch, acc.process_index, 2)
         acc.gradient_accumulation_steps = n_train * t_cfg.gradient_accumulation_steps
         for _ in range(t_cfg.inner_epochs):
             order = torch.randperm(n, generator=gen)
-            # Each sample trains on its own random subset/order of timesteps (DDPO).
-            steps = torch.stack([torch.randperm(T, generator=gen) for _ in range(n)])[:, :n_train]
+            # Each sample trains on its own random subset/order of its stochastic steps (DDPO).
+            steps = torch.stack([torch.nonzero(random_steps[i]).flatten()[torch.randperm(int(counts[i]), generator=gen)]
+                                 for i in range(n)])[:, :n_train]
             for start in range(0, n, t_cfg.batch_size):
                 idx = order[start:start + t_cfg.batch_size]
                 for j in range(n_train):
@@ -366,6 +394,7 @@ def concat(parts: list[Rollout]) -> Rollout:
         noise=cat("noise"), final=cat("final"), images=cat("images"),
         cond={k: torch.cat([p.cond[k] for p in parts]) for k in parts[0].cond},
         timesteps=parts[0].timesteps, latents=cat("latents"), log_probs=cat("log_probs"),
+        stochastic_steps=cat("stochastic_steps"),
     )
 
 

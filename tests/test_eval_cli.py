@@ -114,3 +114,13 @@ def test_two_process_geneval_equals_single_process(setup, tmp_path):
     two = sorted((tmp_path / "two" / "results.jsonl").read_text().splitlines())
     assert len(two) == 14 and one == two
     assert (tmp_path / "two" / "results_summary.json").read_text() == (tmp_path / "one" / "results_summary.json").read_text()
+
+
+def test_default_backend_follows_the_prompts_classes():
+    from eval.geneval import GENEVAL_METADATA
+    from eval.run import default_backend, load_records
+
+    shapes_file = grammar.split("train")[:5]  # a file of shapes prompts, not a shapes: split name
+    assert default_backend("my_prompts.jsonl", shapes_file) == "shapes"
+    assert default_backend("shapes:eval") == "shapes"
+    assert default_backend(str(GENEVAL_METADATA), load_records(str(GENEVAL_METADATA))) == "hf"

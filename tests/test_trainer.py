@@ -141,3 +141,48 @@ def test_prompt_sampling_balances_tags(models, tmp_path):
     trainer.cfg.prompts.balance = "prompt"
     uniform = Counter(trainer.pick_prompt(rng)["tag"] for _ in range(1200))
     assert uniform["color_attr"] > 1000  # 93 % of the train split
+
+
+@pytest.mark.parametrize("family", ["sd", "flow"])
+def test_sde_window_samples_and_trains_only_its_steps(models, tmp_path, family):
+    """Flow-GRPO-Fast: steps outside the window are the deterministic step, carry no log-prob, and
+    are never trained on; a window that does not fit the steps is refused by name."""
+    cfg = load_config(CONFIGS[family], FAST + [f"model.path={models / FAMILY[family]}", f"output_dir={tmp_path}",
+                                               "model.num_steps=6", "sample.sde_window_size=2",
+                                               "sample.sde_window_range=[1,4]"])
+    trainer = Trainer(cfg)
+    rollout, advantages, _ = trainer.collect(0)
+    windows = rollout.stochastic_steps
+    assert windows.sum(1).eq(2).all()
+    starts = windows.float().argmax(1)
+    assert starts.ge(1).all() and starts.le(2).all()  # the window [start, start+2) lies in [1, 4)
+    assert (rollout.log_probs[~windows] == 0).all() and (rollout.log_probs[windows] != 0).all()
+    policy, cond = trainer.policy, rollout.cond
+    for k in range(6):
+        if windows[0, k]:
+            continue
+        deterministic = policy.step(policy.predict(rollout.latents[:1, k], rollout.timesteps[k],
+                                                   {n: v[:1] for n, v in cond.items()}),
+                                    rollout.timesteps[k], rollout.latents[:1, k], noise=0.0).prev_sample
+        torch.testing.assert_close(deterministic, rollout.latents[:1, k + 1], rtol=1e-4, atol=1e-5)
+    window_times = {float(t) for t in rollout.timesteps[windows.any(0)]}
+    trained = [batch for batch in trainer.sampler_step_batches(0, rollout, advantages)]
+    assert len(trained) == 2 * (len(rollout) // cfg.train.batch_size)  # both window steps of every sample
+    for batch in trained:
+        assert {float(t) for t in batch["t"].reshape(-1)} <= window_times
+        assert (batch["old_log_prob"] != 0).all()  # only recorded stochastic steps
+
+    trainer.cfg.sample.sde_window_range = [4, 7]
+    with pytest.raises(ValueError, match="sample.sde_window_range"):
+        trainer.collect(1)
+
+
+def test_shared_noise_gives_each_group_one_initial_noise(models, tmp_path):
+    cfg = load_config(CONFIGS["flow"], FAST + [f"model.path={models / 'flow'}", f"output_dir={tmp_path}",
+                                               "sample.shared_noise=true", "sample.batch_size=3"])
+    rollout, _, _ = Trainer(cfg).collect(0)
+    g = cfg.sample.group_size
+    groups = rollout.noise.reshape(-1, g, *rollout.noise.shape[1:])
+    assert (groups == groups[:, :1]).all()  # batches of 3 cut across groups of 4: still one noise per group
+    assert not torch.equal(groups[0, 0], groups[1, 0])
+    assert not torch.equal(rollout.final[0], rollout.final[1])  # the sampler's own noise still differs
