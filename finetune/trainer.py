@@ -66,7 +66,8 @@ class Trainer:
         self.prompts_by_tag: dict[str, list[dict]] = {}
         for record in self.train_prompts:
             self.prompts_by_tag.setdefault(record.get("tag", "untagged"), []).append(record)
-        self.eval_prompts = load_prompts(cfg.prompts.eval) if cfg.eval.every else []
+        self.evaluates = bool(cfg.eval.every or cfg.eval.get("every_minutes"))
+        self.eval_prompts = load_prompts(cfg.prompts.eval) if self.evaluates else []
         if cfg.lora.enabled:
             self.policy.add_lora(cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules)
         else:
@@ -318,7 +319,7 @@ class Trainer:
         self.maybe_resume()
         if acc.log_with:
             acc.init_trackers("diffrl", config=flat_hparams(OmegaConf.to_container(cfg, resolve=True)))
-        if self.start_epoch == 0 and cfg.eval.every and not self.history:
+        if self.start_epoch == 0 and self.evaluates and not self.history:
             self.history.append({"epoch": 0, "time": 0.0, **self.evaluate(0)})
         elapsed = self.history[-1]["time"] if self.history else 0.0
         bar = tqdm(range(self.start_epoch, cfg.train.epochs), initial=self.start_epoch, total=cfg.train.epochs,
@@ -331,7 +332,7 @@ class Trainer:
             record = {"epoch": epoch + 1, "time": elapsed, **stats}
             stop = self.budget_spent(elapsed)
             last = epoch + 1 == cfg.train.epochs or stop
-            if cfg.eval.every and (self.eval_due(epoch + 1, elapsed) or last):
+            if self.evaluates and (self.eval_due(epoch + 1, elapsed) or last):
                 with self.ema_weights():
                     record.update(self.evaluate(epoch + 1))
             self.history.append(record)

@@ -186,3 +186,14 @@ def test_shared_noise_gives_each_group_one_initial_noise(models, tmp_path):
     assert (groups == groups[:, :1]).all()  # batches of 3 cut across groups of 4: still one noise per group
     assert not torch.equal(groups[0, 0], groups[1, 0])
     assert not torch.equal(rollout.final[0], rollout.final[1])  # the sampler's own noise still differs
+
+
+def test_eval_every_minutes_works_without_an_epoch_period(models, tmp_path):
+    trainer = Trainer(load_config(CONFIGS["sd"], FAST + [f"model.path={models / 'sd'}", f"output_dir={tmp_path}",
+                                                         "eval.every=0", "eval.every_minutes=1"]))
+    assert trainer.evaluates and trainer.eval_prompts
+    assert not trainer.eval_due(3, elapsed=50) and trainer.eval_due(3, elapsed=61)
+    trainer.history.append({"epoch": 3, "geneval_overall": 0.5})
+    assert not trainer.eval_due(6, elapsed=100) and trainer.eval_due(6, elapsed=121)
+    trainer.cfg.eval.every_minutes = None
+    assert not Trainer(trainer.cfg).evaluates  # every=0 alone disables evaluation
