@@ -407,7 +407,12 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     train = [h for h in history if "reward_mean" in h]
-    axes[0].plot([h["epoch"] for h in train], [h["reward_mean"] for h in train], marker=".")
+    epochs, rewards = [h["epoch"] for h in train], np.array([h["reward_mean"] for h in train])
+    axes[0].plot(epochs, rewards, marker=".", alpha=0.4, label="epoch mean")
+    if len(rewards) >= 10:  # one epoch's mean is noisy; the trend is what shows learning
+        w = max(5, len(rewards) // 10)
+        axes[0].plot(epochs[w - 1:], np.convolve(rewards, np.ones(w) / w, mode="valid"), label=f"{w}-epoch mean")
+        axes[0].legend()
     axes[0].set(xlabel="epoch", ylabel="mean training reward", title="reward")
     evals = [h for h in history if "geneval_overall" in h]
     axes[1].plot([h["epoch"] for h in evals], [h["geneval_overall"] for h in evals], marker="o")
