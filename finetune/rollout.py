@@ -40,12 +40,13 @@ def sample(policy: Policy, prompts: list[str], noise: torch.Tensor, metadata: li
     cond = policy.encode(prompts)
     timesteps = policy.timesteps()
     start, end = window if window is not None else (0, len(timesteps))
+    random_steps = torch.zeros(len(timesteps), dtype=torch.bool)
+    random_steps[start:end] = stochastic
     x = noise
     path, log_probs = [x], []
     for i, t in enumerate(timesteps):
-        random_step = stochastic and start <= i < end
         step = policy.step(policy.predict(x, t, cond), t, x, generator=generator,
-                           noise=None if random_step else 0.0)
+                           noise=None if random_steps[i] else 0.0)
         x = step.prev_sample.to(noise.dtype)
         if trajectory:
             path.append(x)
@@ -56,6 +57,5 @@ def sample(policy: Policy, prompts: list[str], noise: torch.Tensor, metadata: li
         timesteps=timesteps if trajectory else None,
         latents=torch.stack(path, 1) if trajectory else None,
         log_probs=torch.stack(log_probs, 1) if trajectory else None,
-        stochastic_steps=(torch.arange(len(timesteps)).ge(start) & torch.arange(len(timesteps)).lt(end)
-                          & stochastic).expand(len(prompts), -1).clone() if trajectory else None,
+        stochastic_steps=random_steps.expand(len(prompts), -1).clone() if trajectory else None,
     )
