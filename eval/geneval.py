@@ -106,25 +106,36 @@ def relative_position(box_a: Sequence[float], box_b: Sequence[float],
 
 
 def evaluate(detected: dict[str, list[Detection]], metadata: dict,
-             classify_colors: Callable[[list[Detection], str], list[str]]) -> tuple[bool, str, list[bool]]:
+             classify_colors: Callable[[list[Detection], str], list[str]]
+             ) -> tuple[bool, str, list[bool], list[float]]:
     """Apply the include/exclude rules to already-selected detections.
 
-    Returns (correct, reason, clauses): ``clauses`` says which include and exclude clauses hold,
-    in order (used for partial credit; GenEval itself only reports ``correct``).
+    Returns (correct, reason, clauses, graded). ``clauses`` says which include and exclude clauses
+    hold, in order; ``graded`` lists the terms of Flow-GRPO's graded GenEval reward: per include
+    clause 1 - |n - k| / n for k detected of the n asked, then, if the clause has a colour or a
+    position, 1 - |n - k_colour| / n and 1 or 0 for the relation (0 when k != n). Both are for
+    partial-credit rewards; GenEval itself only reports ``correct``.
     """
     correct = True
     reasons = []
+    graded: list[float] = []
     matched_groups: list[list[Detection] | None] = []
     for req in metadata.get("include", []):
         classname, count = req["class"], req["count"]
         matched = True
         found = detected.get(classname, [])[:count]
+        n_found = len(detected.get(classname, []))
+        graded.append(1 - abs(count - n_found) / count)
+        if n_found != count:
+            graded += [0.0] * (("color" in req) + ("position" in req))
         if len(found) < count:
             correct = matched = False
             reasons.append(f"expected {classname}>={count}, found {len(found)}")
         else:
             if "color" in req:
                 colors = classify_colors(found, classname)
+                if n_found == count:
+                    graded.append(1 - abs(count - colors.count(req["color"])) / count)
                 if colors.count(req["color"]) < count:
                     correct = matched = False
                     seen = ", ".join(f"{colors.count(c)} {c}" for c in COLORS if c in colors)
@@ -146,6 +157,8 @@ def evaluate(detected: dict[str, list[Detection]], metadata: dict,
                                 break
                         if not matched:
                             break
+                if n_found == count:
+                    graded.append(float(matched))
         matched_groups.append(found if matched else None)
     clauses = [group is not None for group in matched_groups]
     for req in metadata.get("exclude", []):
@@ -154,17 +167,18 @@ def evaluate(detected: dict[str, list[Detection]], metadata: dict,
         if not clauses[-1]:
             correct = False
             reasons.append(f"expected {classname}<{req['count']}, found {len(detected[classname])}")
-    return correct, "\n".join(reasons), clauses
+    return correct, "\n".join(reasons), clauses, graded
 
 
 def evaluate_image(backend: DetectorBackend, image, metadata: dict, filename: str = "",
                    with_clauses: bool = False) -> dict:
     """One row of GenEval's results.jsonl for ``image`` generated from ``metadata``.
 
-    ``with_clauses`` adds the per-clause outcomes (not an official column) for partial credit.
+    ``with_clauses`` adds the per-clause outcomes and the graded terms (not official columns) for
+    partial-credit rewards.
     """
     detected = select_detections(backend.detect(image), metadata["tag"])
-    correct, reason, clauses = evaluate(
+    correct, reason, clauses, graded = evaluate(
         detected, metadata, lambda dets, cls: backend.classify_colors(image, dets, cls))
     row = {
         "filename": filename,
@@ -178,6 +192,7 @@ def evaluate_image(backend: DetectorBackend, image, metadata: dict, filename: st
     }
     if with_clauses:
         row["clauses"] = clauses
+        row["graded"] = graded
     return row
 
 

@@ -43,12 +43,21 @@ def epoch_gradient(trainer, epoch: int) -> tuple[torch.Tensor, float]:
 
 
 def snr(gradients: list[torch.Tensor], samples_per_gradient: int) -> dict:
-    """Mean pairwise cosine of independent gradient estimates and what it implies (module docstring)."""
-    cosines = [float(torch.nn.functional.cosine_similarity(a, b, dim=0))
-               for a, b in itertools.combinations(gradients, 2)]
+    """Mean pairwise cosine of independent gradient estimates and what it implies (module docstring).
+
+    The pairs share gradients, so their spread understates the uncertainty; ``cos_sem`` is the
+    jackknife standard error over the gradients themselves (leave one gradient out).
+    """
+    unit = torch.stack([g / g.norm().clamp_min(1e-30) for g in gradients]).double()
+    cos = (unit @ unit.T).numpy()
+    k = len(gradients)
+    pairs = list(itertools.combinations(range(k), 2))
+    cosines = [float(cos[i, j]) for i, j in pairs]
     c = float(np.mean(cosines))
+    leave_one_out = np.array([np.mean([cos[i, j] for i, j in pairs if m not in (i, j)]) for m in range(k)])
+    sem = float(np.sqrt((k - 1) / k * np.sum((leave_one_out - leave_one_out.mean()) ** 2))) if k > 2 else float("nan")
     rho = max(c, 0.0) / ((1 - c) * samples_per_gradient)
-    return {"cosines": cosines, "mean_cos": c, "cos_sem": float(np.std(cosines) / np.sqrt(len(cosines))),
+    return {"cosines": cosines, "mean_cos": c, "cos_sem": sem,
             "per_sample_snr": rho, "samples_for_snr_1": 1 / rho if rho > 0 else float("inf")}
 
 

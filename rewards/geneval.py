@@ -1,9 +1,17 @@
 """GenEval reward: per-image correctness under the official rules, on any detector backend.
 
-``partial_credit=False`` (default): 1 if the image satisfies the whole prompt, else 0 — exactly the
-GenEval metric. ``partial_credit=True``: the fraction of the prompt's include/exclude clauses that
-hold (an include clause holds when its objects exist with the asked colour and position), a denser
-signal in the spirit of Flow-GRPO's GenEval reward. The strict score is always logged as ``correct``.
+``partial_credit``:
+
+- ``false`` (default): 1 if the image satisfies the whole prompt, else 0 -- exactly the GenEval metric;
+- ``true``: the fraction of the prompt's include/exclude clauses that hold (an include clause holds
+  when its objects exist with the asked colour and position);
+- ``"graded"``: Flow-GRPO's GenEval training reward (Liu et al., 2025), the mean of graded terms:
+  per include clause asking for n objects of which k are detected, 1 - |n - k| / n; then, if the
+  clause names a colour, 1 - |n - k_c| / n for k_c of them in that colour, and if it names a
+  position, 1 or 0 for the relation (both 0 when k != n). Wrong counts earn credit by how far off
+  they are, so counting prompts give a signal before any image is exactly right.
+
+The strict score is always logged as ``correct``, the clause fraction as ``partial``.
 """
 
 from __future__ import annotations
@@ -16,7 +24,9 @@ from rewards.base import Reward, RewardOutput, register, to_pil
 
 @register("geneval")
 class GenEvalReward(Reward):
-    def __init__(self, backend: str = "shapes", partial_credit: bool = False):
+    def __init__(self, backend: str = "shapes", partial_credit: bool | str = False):
+        if partial_credit not in (False, True, "graded"):
+            raise ValueError(f"reward.partial_credit must be false, true or 'graded', not {partial_credit!r}")
         self.backend = get_backend(backend)
         self.partial_credit = partial_credit
 
@@ -29,4 +39,8 @@ class GenEvalReward(Reward):
                 for image, meta in zip(to_pil(images), metadata)]
         correct = torch.tensor([float(r["correct"]) for r in rows])
         partial = torch.tensor([sum(r["clauses"]) / max(1, len(r["clauses"])) for r in rows])
-        return RewardOutput(partial if self.partial_credit else correct, {"correct": correct, "partial": partial})
+        info = {"correct": correct, "partial": partial}
+        if self.partial_credit == "graded":
+            info["graded"] = torch.tensor([sum(r["graded"]) / max(1, len(r["graded"])) for r in rows])
+            return RewardOutput(info["graded"], info)
+        return RewardOutput(partial if self.partial_credit else correct, info)

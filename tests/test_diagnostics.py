@@ -46,3 +46,17 @@ def test_epoch_gradients_are_reproducible_and_leave_weights_alone(tmp_path):
     assert a.norm() > 0 and not torch.equal(a, c)
     assert all(torch.equal(p, q) for p, q in zip(trainer.params, before))
     assert all(p.grad is None for p in trainer.params)
+
+
+def test_standard_error_covers_pure_noise_of_low_effective_dimension():
+    # Gradient noise that lives in a few directions makes cosines swing widely; the reported standard
+    # error must say so (two standard errors cover zero in most draws), where the spread of the
+    # shared-gradient pairs alone would claim a signal far more often.
+    basis = torch.randn(5, 5_000, generator=torch.Generator().manual_seed(99))
+    covered = 0
+    for seed in range(100):
+        g = torch.Generator().manual_seed(seed)
+        result = snr([torch.randn(5, generator=g) @ basis for _ in range(4)], 32)
+        assert result["cos_sem"] > 0
+        covered += abs(result["mean_cos"]) < 2 * result["cos_sem"]
+    assert covered >= 88

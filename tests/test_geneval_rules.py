@@ -140,3 +140,28 @@ def test_real_geneval_metadata_parses_and_scores():
     assert judge({"wine glass": [det(0, 0, 9, 9, color="purple")], "apple": [det(20, 0, 29, 9, color="black")]}, glass)[0]
     ok, reason = judge({"wine glass": [det(0, 0, 9, 9, color="purple")], "apple": [det(20, 0, 29, 9, color="red")]}, glass)
     assert not ok and reason.startswith("expected black apple>=1, found 0 black")
+
+
+def graded(raw, metadata):
+    return geneval.evaluate_image(FakeBackend(raw), None, metadata, with_clauses=True)["graded"]
+
+
+def test_graded_terms_follow_flow_grpo_reward():
+    three = {"tag": "counting", "include": [{"class": "cup", "count": 3}],
+             "exclude": [{"class": "cup", "count": 4}], "prompt": "p"}
+    cups = [det(10 * i, 0, 10 * i + 5, 5) for i in range(5)]
+    assert graded({"cup": cups[:3]}, three) == [1.0]
+    assert graded({"cup": cups[:2]}, three) == [1 - 1 / 3]  # one short
+    assert graded({"cup": cups[:5]}, three) == [1 - 2 / 3]  # two too many (the exclude clause is not graded)
+    assert graded({}, three) == [0.0]
+    # Colour: two asked, both found, one of them red -> 1 - |2 - 1| / 2; a wrong count zeroes the colour term.
+    red = {"tag": "color_attr", "include": [{"class": "cup", "count": 2, "color": "red"}], "prompt": "p"}
+    assert graded({"cup": [det(0, 0, 5, 5, color="red"), det(9, 0, 14, 5, color="blue")]}, red) == [1.0, 0.5]
+    assert graded({"cup": [det(0, 0, 5, 5, color="red")]}, red) == [0.5, 0.0]
+    # Position: 1 or 0 for the relation once the count is exact; 0 when the target is missing.
+    left = {"tag": "position", "prompt": "p",
+            "include": [{"class": "dog", "count": 1}, {"class": "cup", "count": 1, "position": ["left of", 0]}]}
+    assert graded({"dog": [det(30, 0, 40, 10)], "cup": [det(0, 0, 10, 10)]}, left) == [1.0, 1.0, 1.0]
+    assert graded({"dog": [det(0, 0, 10, 10)], "cup": [det(30, 0, 40, 10)]}, left) == [1.0, 1.0, 0.0]
+    assert graded({"cup": [det(0, 0, 10, 10)]}, left) == [0.0, 1.0, 0.0]
+    assert graded({"dog": [det(30, 0, 40, 10)]}, left) == [1.0, 0.0, 0.0]

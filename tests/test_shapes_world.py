@@ -4,6 +4,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageFilter
 
 from eval import geneval
@@ -110,3 +111,20 @@ def test_counting_too_few_and_too_many():
         if all(abs(cx - o.cx) > o.r + 8 or abs(cy - o.cy) > o.r + 8 for o in objects):
             break
     assert judge(objects + [extra], record) == (False, "expected star<4, found 4")
+
+
+def test_geneval_reward_modes_on_renders():
+    from rewards.base import build_reward
+
+    record = find("counting", "a photo of three stars")
+    _, objects = render.render(record, seed=2)
+    images = torch.stack([torch.from_numpy(np.asarray(render.draw(o), dtype=np.float32) / 255).permute(2, 0, 1)
+                          for o in (objects, objects[:2], objects[:1])])
+    meta = [record] * 3
+    strict = build_reward({"name": "geneval"})(images, [record["prompt"]] * 3, meta)
+    graded = build_reward({"name": "geneval", "partial_credit": "graded"})(images, [record["prompt"]] * 3, meta)
+    assert strict.scores.tolist() == [1.0, 0.0, 0.0]
+    assert graded.scores.tolist() == pytest.approx([1.0, 2 / 3, 1 / 3])  # 1 - |3 - k| / 3
+    assert graded.info["correct"].tolist() == [1.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="reward.partial_credit"):
+        build_reward({"name": "geneval", "partial_credit": "soft"})
