@@ -147,7 +147,7 @@ def cmd_diagnose_snr(args) -> None:
 
     cfg = load_config(args.config, ["eval.every=0", "log.tensorboard=false", "log.wandb=false", "resume=false",
                                     f"output_dir={args.out}", *args.overrides])
-    r = measure(cfg, args.batches)
+    r = measure(cfg, args.batches, per_step=args.per_step)
     n = cfg.sample.groups_per_epoch * cfg.sample.group_size
     print(f"{cfg.objective.name} on {cfg.model.path}, reward {cfg.reward if isinstance(cfg.reward, str) else dict(cfg.reward)}")
     print(f"mean training reward {r['reward_mean']:.3f}, gradient norm {r['gradient_norm']:.3g}")
@@ -155,6 +155,11 @@ def cmd_diagnose_snr(args) -> None:
           f"({len(r['cosines'])} pairs)")
     print(f"per-sample SNR {r['per_sample_snr']:.2e}; samples per optimizer step for SNR 1: "
           f"{r['samples_for_snr_1']:.0f}")
+    if args.per_step:
+        print("step  cosine (its own gradient)  mean norm   cosine of steps 0..k together")
+        for k, (one, upto) in enumerate(zip(r["steps"], r["first"])):
+            print(f"{k:4d}  {one['mean_cos']:+.3f} ± {one['cos_sem']:.3f}          {one['norm']:.2e}    "
+                  f"{upto['mean_cos']:+.3f} ± {upto['cos_sem']:.3f}")
 
 
 def cmd_lora_merge(args) -> None:
@@ -280,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--batches", type=int, default=4, help="independent epochs to compare (pairs: n(n-1)/2)")
     p.add_argument("--out", default="runs/diagnose", help="scratch output_dir")
+    p.add_argument("--per-step", action="store_true",
+                   help="also split the gradient by sampler step (ddpo, flow_grpo): where signal and noise come from")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_diagnose_snr)
 

@@ -42,6 +42,38 @@ def epoch_gradient(trainer, epoch: int) -> tuple[torch.Tensor, float]:
     return torch.cat(grads).float().cpu(), stats["reward_mean"]
 
 
+def epoch_step_gradients(trainer, epoch: int) -> tuple[torch.Tensor, float]:
+    """One epoch's policy gradient split by sampler step: (T, P), row k from step k of every sample.
+
+    Only for objectives trained on the sampler's log-probs (DDPO, Flow-GRPO): their gradient is the
+    sum of these rows, so the rows show which steps carry the signal and which only add noise.
+    """
+    if "trajectory" not in trainer.objective.needs:
+        raise ValueError(f"--per-step needs an objective trained on sampler steps (ddpo, flow_grpo), "
+                         f"not {trainer.cfg.objective.name!r}")
+    from finetune.trainer import step_batch
+
+    rollout, advantages, stats = trainer.collect(epoch)
+    trainer.policy.net = trainer.net
+    trainer.objective.start_epoch()
+    n, T = rollout.log_probs.shape
+    rows = []
+    for k in range(T):
+        for p in trainer.params:
+            p.grad = None
+        for start in range(0, n, trainer.cfg.train.batch_size):
+            idx = torch.arange(start, min(start + trainer.cfg.train.batch_size, n))
+            batch = step_batch(rollout, advantages, idx, torch.full((len(idx),), k))
+            loss, _ = trainer.objective.loss(trainer.policy, batch)
+            loss.backward()  # plain backward: rows must be comparable, whatever accumulation is set
+        rows.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float().cpu()
+                               for p in trainer.params]))
+    trainer.policy.net = trainer.policy.denoiser
+    for p in trainer.params:
+        p.grad = None
+    return torch.stack(rows), stats["reward_mean"]
+
+
 def snr(gradients: list[torch.Tensor], samples_per_gradient: int) -> dict:
     """Mean pairwise cosine of independent gradient estimates and what it implies (module docstring).
 
@@ -61,18 +93,31 @@ def snr(gradients: list[torch.Tensor], samples_per_gradient: int) -> dict:
             "per_sample_snr": rho, "samples_for_snr_1": 1 / rho if rho > 0 else float("inf")}
 
 
-def measure(cfg, batches: int = 4, first_epoch: int = 1000) -> dict:
-    """Build the recipe's trainer and measure the gradient SNR over ``batches`` independent epochs."""
+def measure(cfg, batches: int = 4, first_epoch: int = 1000, per_step: bool = False) -> dict:
+    """Build the recipe's trainer and measure the gradient SNR over ``batches`` independent epochs.
+
+    ``per_step`` adds ``steps``: for each sampler step k, the SNR of its own gradient and its mean
+    norm, and ``first``: the SNR of the gradient of steps [0, k] together.
+    """
     from finetune.trainer import Trainer
 
     trainer = Trainer(cfg)
+    s = cfg.sample
+    n = s.groups_per_epoch * s.group_size * trainer.accelerator.num_processes
     gradients, rewards = [], []
     for k in range(batches):
-        g, r = epoch_gradient(trainer, first_epoch + k)
+        g, r = (epoch_step_gradients if per_step else epoch_gradient)(trainer, first_epoch + k)
         gradients.append(g)
         rewards.append(r)
-    s = cfg.sample
-    result = snr(gradients, s.groups_per_epoch * s.group_size * trainer.accelerator.num_processes)
+    if per_step:
+        rows = torch.stack(gradients)  # (batches, T, P)
+        steps = [{**snr(list(rows[:, k]), n), "norm": float(rows[:, k].norm(dim=1).mean())}
+                 for k in range(rows.shape[1])]
+        first = [snr(list(rows[:, :k + 1].sum(1)), n) for k in range(rows.shape[1])]
+        gradients = list(rows.sum(1))
+    result = snr(gradients, n)
+    if per_step:
+        result.update(steps=steps, first=first)
     result["reward_mean"] = float(np.mean(rewards))
     result["gradient_norm"] = float(np.mean([float(g.norm()) for g in gradients]))
     return result

@@ -47,6 +47,15 @@ def epoch_generator(seed: int, epoch: int, rank: int, purpose: int) -> torch.Gen
     return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1009 + rank) * 17 + purpose)
 
 
+def step_batch(rollout: Rollout, advantages: torch.Tensor, idx: torch.Tensor, k: torch.Tensor) -> dict:
+    """The recorded transition x_t -> x_prev of sampler step ``k[i]`` of each sample ``idx[i]``."""
+    return {
+        "x_t": rollout.latents[idx, k], "x_prev": rollout.latents[idx, k + 1],
+        "t": rollout.timesteps[k], "old_log_prob": rollout.log_probs[idx, k],
+        "advantages": advantages[idx], "cond": select(rollout.cond, idx),
+    }
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
@@ -226,9 +235,18 @@ class Trainer:
         t_cfg, acc = self.cfg.train, self.accelerator
         n, T = rollout.log_probs.shape
         random_steps = rollout.stochastic_steps  # deterministic steps have no log-prob to train
+        if t_cfg.get("timestep_range") is not None:
+            lo, hi = t_cfg.timestep_range
+            if not 0 <= lo < hi <= T:
+                raise ValueError(f"train.timestep_range [{lo}, {hi}] must lie within the {T} sampler steps "
+                                 f"(model.num_steps) and hold at least one")
+            in_range = torch.zeros(T, dtype=torch.bool)
+            in_range[lo:hi] = True
+            random_steps = random_steps & in_range.to(random_steps.device)
         counts = random_steps.sum(1)
         if counts.min() != counts.max() or counts.min() == 0:
-            raise ValueError("every sample needs the same, non-zero number of stochastic steps to train on")
+            raise ValueError("every sample needs the same, non-zero number of stochastic steps to train on: "
+                             "check sample.sde_window_size/range against train.timestep_range")
         n_train = max(1, int(int(counts[0]) * t_cfg.timestep_fraction))
         gen = epoch_generator(self.cfg.seed, epoch, acc.process_index, 2)
         acc.gradient_accumulation_steps = n_train * t_cfg.gradient_accumulation_steps
@@ -240,12 +258,7 @@ class Trainer:
             for start in range(0, n, t_cfg.batch_size):
                 idx = order[start:start + t_cfg.batch_size]
                 for j in range(n_train):
-                    k = steps[idx, j]
-                    yield {
-                        "x_t": rollout.latents[idx, k], "x_prev": rollout.latents[idx, k + 1],
-                        "t": rollout.timesteps[k], "old_log_prob": rollout.log_probs[idx, k],
-                        "advantages": advantages[idx], "cond": select(rollout.cond, idx),
-                    }
+                    yield step_batch(rollout, advantages, idx, steps[idx, j])
 
     def forward_process_batches(self, epoch: int, rollout: Rollout, advantages: torch.Tensor):
         """(clean sample, training time, fresh noise) minibatches for forward-process objectives."""

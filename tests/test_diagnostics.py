@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from finetune.diagnostics import epoch_gradient, snr
+from finetune.diagnostics import epoch_gradient, epoch_step_gradients, snr
 
 
 @pytest.mark.parametrize("rho", [0.01, 0.1])
@@ -46,6 +46,8 @@ def test_epoch_gradients_are_reproducible_and_leave_weights_alone(tmp_path):
     assert a.norm() > 0 and not torch.equal(a, c)
     assert all(torch.equal(p, q) for p, q in zip(trainer.params, before))
     assert all(p.grad is None for p in trainer.params)
+    with pytest.raises(ValueError, match="--per-step needs an objective trained on sampler steps"):
+        epoch_step_gradients(trainer, 3)  # NFT trains on the forward process
 
 
 def test_standard_error_covers_pure_noise_of_low_effective_dimension():
@@ -60,3 +62,22 @@ def test_standard_error_covers_pure_noise_of_low_effective_dimension():
         assert result["cos_sem"] > 0
         covered += abs(result["mean_cos"]) < 2 * result["cos_sem"]
     assert covered >= 88
+
+
+def test_step_gradients_add_up_to_the_epoch_gradient(tmp_path):
+    from finetune.config import load_config
+    from finetune.trainer import Trainer
+    from tests.helpers import tiny_sd
+
+    tiny_sd().save_pretrained(tmp_path / "model")
+    cfg = load_config("configs/ddpo_shapes_sd.yaml", [
+        f"model.path={tmp_path / 'model'}", f"output_dir={tmp_path / 'run'}", "cpu=true", "reward=brightness",
+        "model.num_steps=3", "sample.groups_per_epoch=2", "sample.group_size=4", "sample.batch_size=8",
+        "train.batch_size=4", "train.timestep_fraction=1.0", "eval.every=0", "log.tensorboard=false"])
+    trainer = Trainer(cfg)
+    rows, _ = epoch_step_gradients(trainer, 5)
+    whole, _ = epoch_gradient(trainer, 5)
+    assert rows.shape == (3, whole.numel()) and (rows.norm(dim=1) > 0).all()
+    # Same rollouts, same samples and steps, summed in another order: the same direction.
+    assert torch.nn.functional.cosine_similarity(rows.sum(0), whole, dim=0) > 0.9999
+    assert all(p.grad is None for p in trainer.params)

@@ -177,6 +177,23 @@ def test_sde_window_samples_and_trains_only_its_steps(models, tmp_path, family):
         trainer.collect(1)
 
 
+@pytest.mark.parametrize("family", ["sd", "flow"])
+def test_timestep_range_trains_only_its_steps_and_keeps_sampling_stochastic(models, tmp_path, family):
+    cfg = load_config(CONFIGS[family], FAST + [f"model.path={models / FAMILY[family]}", f"output_dir={tmp_path}",
+                                               "model.num_steps=6", "train.timestep_range=[1,4]"])
+    trainer = Trainer(cfg)
+    rollout, advantages, _ = trainer.collect(0)
+    assert rollout.stochastic_steps.all()  # every step still explores
+    allowed = {float(t) for t in rollout.timesteps[1:4]}
+    trained = list(trainer.sampler_step_batches(0, rollout, advantages))
+    assert len(trained) == 3 * (len(rollout) // cfg.train.batch_size)  # the three steps of every sample
+    seen = {float(t) for batch in trained for t in batch["t"].reshape(-1)}
+    assert seen == allowed
+    trainer.cfg.train.timestep_range = [4, 7]
+    with pytest.raises(ValueError, match="train.timestep_range"):
+        list(trainer.sampler_step_batches(0, rollout, advantages))
+
+
 def test_shared_noise_gives_each_group_one_initial_noise(models, tmp_path):
     cfg = load_config(CONFIGS["flow"], FAST + [f"model.path={models / 'flow'}", f"output_dir={tmp_path}",
                                                "sample.shared_noise=true", "sample.batch_size=3"])
