@@ -107,8 +107,9 @@ def cmd_demo(args) -> None:
         name = Path(recipe).stem
         run_dir = out / name
         shutil.rmtree(run_dir, ignore_errors=True)  # the demo always starts from the base model
+        cadence = [] if args.eval_every is None else [f"eval.every={args.eval_every}", "eval.every_minutes=null"]
         cfg = load_config(recipe, [f"output_dir={run_dir}", f"train.max_minutes={args.minutes}",
-                                   "train.epochs=100000", f"eval.every={args.eval_every}", *args.overrides])
+                                   "train.epochs=100000", *cadence, *args.overrides])
         history = Trainer(cfg).train()
         evals = [h for h in history if "geneval_overall" in h]
         before, after = evals[0], evals[-1]
@@ -319,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--recipes", nargs="+", default=["configs/demo/ddpo_shapes_sd.yaml", "configs/demo/flow_grpo_shapes_flow.yaml"])
     p.add_argument("--minutes", type=float, default=15.0, help="training budget per recipe (CPU wall clock)")
-    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="evaluate every N epochs (default: each recipe's own eval.every / eval.every_minutes)")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every recipe")
     p.set_defaults(func=cmd_demo)
     return ap

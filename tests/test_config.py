@@ -9,7 +9,7 @@ def test_dotted_overrides_merge_into_the_recipe():
     cfg = load_config(RECIPE, ["objective.clip_range=0.1", "reward.partial_credit=false", "train.lr=1e-5"])
     assert dict(cfg.objective) == {"name": "ddpo", "clip_range": 0.1, "adv_clip_max": 5.0}
     assert dict(cfg.reward) == {"name": "geneval", "partial_credit": False}
-    assert cfg.train.lr == 1e-5 and cfg.train.batch_size == 8  # the rest of the recipe is kept
+    assert cfg.train.lr == 1e-5 and cfg.train.batch_size == 32  # the rest of the recipe is kept
 
 
 def test_switching_a_component_drops_the_old_components_options():
