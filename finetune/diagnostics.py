@@ -36,10 +36,15 @@ def epoch_gradient(trainer, epoch: int) -> tuple[torch.Tensor, float]:
         trainer.accelerator.backward(loss)
         count += 1
     trainer.policy.net = trainer.policy.denoiser
-    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() / count for p in trainer.params]
+    gradient = flat_grad(trainer.params) / count
     for p in trainer.params:
         p.grad = None
-    return torch.cat(grads).float().cpu(), stats["reward_mean"]
+    return gradient, stats["reward_mean"]
+
+
+def flat_grad(params) -> torch.Tensor:
+    """The parameters' gradients as one float32 CPU vector (zeros where a parameter got none)."""
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]).float().cpu()
 
 
 def epoch_step_gradients(trainer, epoch: int) -> tuple[torch.Tensor, float]:
@@ -66,8 +71,7 @@ def epoch_step_gradients(trainer, epoch: int) -> tuple[torch.Tensor, float]:
             batch = step_batch(rollout, advantages, idx, torch.full((len(idx),), k))
             loss, _ = trainer.objective.loss(trainer.policy, batch)
             loss.backward()  # plain backward: rows must be comparable, whatever accumulation is set
-        rows.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float().cpu()
-                               for p in trainer.params]))
+        rows.append(flat_grad(trainer.params))
     trainer.policy.net = trainer.policy.denoiser
     for p in trainer.params:
         p.grad = None
