@@ -66,6 +66,11 @@ class Trainer:
         set_seed(cfg.seed)  # LoRA initialisation draws from the global generator
         m = cfg.model
         self.policy = load_policy(m.path, m.guidance_scale, m.num_steps, m.noise)
+        if m.get("sde_type"):
+            if self.policy.family != "flow":
+                raise ValueError(f"model.sde_type={m.sde_type!r} applies to flow models; {m.path} is an "
+                                 f"epsilon model (its DDIM step is set by model.noise, the eta)")
+            self.policy.sde_type = m.sde_type
         self.policy.pipe.to(self.accelerator.device)
         o = dict(cfg.objective)
         self.objective = build_objective(o.pop("name"), self.policy.family, **o)

@@ -145,12 +145,21 @@ def stage_denoiser(args, family: str) -> None:
         ema.step(params)
         if step % 100 == 0 or step == steps or step == 5:
             log(family, step, steps, loss.item(), started)
+        if args.save_every and step % args.save_every == 0 and step < steps:
+            ema.store(params)  # snapshot the EMA weights, then carry on training the live ones
+            ema.copy_to(params)
+            save(pipe, args, family, step)
+            ema.restore(params)
     ema.copy_to(params)
+    save(pipe, args, family, steps)
+
+
+def save(pipe, args, family: str, step: int) -> None:
     out = args.assets / ("shapes-sd" if family == "sd" else "shapes-flow")
     if family == "flow":
         pipe.call_kwargs = FLOW_CALL_KWARGS
     save_pipeline(pipe, out)
-    print(f"[{family}] saved {out}")
+    print(f"[{family}] saved {out} at step {step}", flush=True)
 
 
 def main() -> None:
@@ -169,6 +178,7 @@ def main() -> None:
     ap.add_argument("--flow-heads", type=int, default=4, help="attention heads (of 32 dims) of shapes-flow")
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--save-every", type=int, default=0, help="also save the EMA weights every N steps")
     ap.add_argument("--init", type=Path, default=None, help="continue training this pipeline folder")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

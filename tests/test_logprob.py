@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from finetune.models import wrap_pipeline
-from finetune.models.flow import sde_step_with_logprob
+from finetune.models.flow import cps_step_with_logprob, sde_step_with_logprob
 from finetune.models.sd import ddim_step_with_logprob
 from finetune.rollout import sample
 from tests.helpers import tiny_sd, tiny_sd3
@@ -23,9 +23,12 @@ def independent_log_density(x, mean, std):
     return dens.reshape(len(x), -1).mean(1)
 
 
-@pytest.mark.parametrize("make", [tiny_sd, tiny_sd3], ids=["sd", "flow"])
-def test_recomputed_log_prob_equals_recorded(make):
+@pytest.mark.parametrize("make,sde_type", [(tiny_sd, None), (tiny_sd3, "sde"), (tiny_sd3, "cps")],
+                         ids=["sd", "flow", "flow-cps"])
+def test_recomputed_log_prob_equals_recorded(make, sde_type):
     policy = wrap_pipeline(make(), guidance_scale=3.0, num_steps=5)
+    if sde_type:
+        policy.sde_type = sde_type
     noise = policy.initial_noise([1, 2, 3])
     ro = sample(policy, PROMPTS, noise, trajectory=True, generator=torch.Generator().manual_seed(0))
     assert ro.latents.shape[1] == 6 and ro.log_probs.shape == (3, 5)
@@ -85,6 +88,43 @@ def test_noise_level_zero_is_the_euler_step():
     x, v = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
     prev, *_ = sde_step_with_logprob(sched, v, sched.timesteps[1], x, noise_level=0.0)
     assert torch.allclose(prev, x + (sched.sigmas[2] - sched.sigmas[1]) * v, atol=1e-6)
+
+
+def test_cps_step_matches_its_formula_and_preserves_the_noise_coefficient():
+    sched = tiny_sd3().scheduler
+    sched.set_timesteps(8)
+    a, k = 0.7, 3
+    s, s_next = float(sched.sigmas[k]), float(sched.sigmas[k + 1])
+    gen = torch.Generator().manual_seed(2)
+    x0, eps = torch.randn(4, 4, 16, 16, generator=gen), torch.randn(4, 4, 16, 16, generator=gen)
+    x = (1 - s) * x0 + s * eps
+    v = eps - x0  # the exact velocity: predicted x0 and x1 are the true ones
+    prev, logp, mean, std = cps_step_with_logprob(sched, v, sched.timesteps[k], x, a, generator=gen)
+    sig_t = s_next * math.sin(a * math.pi / 2)
+    mu = (1 - s_next) * x0.double() + math.sqrt(s_next**2 - sig_t**2) * eps.double()
+    assert torch.allclose(mean.double(), mu, atol=1e-5)
+    assert np.allclose(std.reshape(-1).numpy(), sig_t)
+    assert np.allclose(logp.numpy(), independent_log_density(prev, mu, sig_t), atol=1e-4)
+    # x_next = (1 - sigma_next) x0 + noise whose variance is sigma_next^2: the schedule's coefficient.
+    residual = prev.double() - (1 - s_next) * x0.double()
+    assert abs(residual.var().item() / s_next**2 - 1) < 0.05
+
+
+def test_cps_is_deterministic_at_the_last_step_and_euler_without_noise():
+    sched = tiny_sd3().scheduler
+    sched.set_timesteps(4)
+    x, v = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    prev, logp, mean, std = cps_step_with_logprob(sched, v, sched.timesteps[-1], x, 0.7)
+    assert torch.equal(prev, mean) and torch.equal(logp, torch.zeros(2)) and float(std.max()) == 0
+    assert torch.allclose(prev, x + (0 - sched.sigmas[3]) * v, atol=1e-6)  # sigma_next = 0: x0 itself
+    prev, *_ = cps_step_with_logprob(sched, v, sched.timesteps[1], x, noise_level=0.0)
+    assert torch.allclose(prev, x + (sched.sigmas[2] - sched.sigmas[1]) * v, atol=1e-6)
+
+
+def test_unknown_sde_type_is_refused_by_name():
+    policy = wrap_pipeline(tiny_sd3(), num_steps=2)
+    with pytest.raises(ValueError, match="model.sde_type='ode'.*cps"):
+        policy.sde_type = "ode"
 
 
 @pytest.mark.parametrize("make", [tiny_sd, tiny_sd3], ids=["sd", "flow"])

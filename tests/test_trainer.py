@@ -86,6 +86,8 @@ def test_bad_input_errors(models, tmp_path):
         Trainer(cfg("objective.name=flow_grpo"))
     with pytest.raises(FileNotFoundError, match="model path '/no/such/dir' does not exist"):
         Trainer(cfg("model.path=/no/such/dir"))
+    with pytest.raises(ValueError, match="model.sde_type='cps' applies to flow models"):
+        Trainer(cfg("model.sde_type=cps"))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(ValueError, match="no prompts"):

@@ -10,9 +10,25 @@ marginals. With sigma the current noise level, dt = sigma_next - sigma < 0 and a
 
 (at sigma = 1 the ratio uses the scheduler's second sigma instead, to stay finite). ``a = 0`` is
 the deterministic Euler step ``x + v dt``.
+
+``sde_type: cps`` is the coefficient-preserving step (Wang et al., 2025, "Coefficients-Preserving
+Sampling for Reinforcement Learning with Flow Matching", adopted by Flow-GRPO). The Euler-Maruyama
+step above adds more noise than the schedule removes at low sigma, so late-step samples stay noisy
+and their rewards (and log-prob gradients) are dominated by that noise. CPS instead re-noises the
+predicted clean sample x0 = x - sigma v with the predicted noise x1 = x + (1 - sigma) v so that
+x_next carries exactly sigma_next of noise:
+
+    sigma_t = sigma_next * sin(a pi / 2)
+    mu      = (1 - sigma_next) x0 + sqrt(sigma_next^2 - sigma_t^2) x1
+    x_next  ~ N(mu, sigma_t^2 I)
+
+The last step (sigma_next = 0) is deterministic. The reference code drops the Gaussian's 1/(2
+sigma_t^2) and normaliser from the log-prob; here it is the true log-density, like the SDE step.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -56,6 +72,33 @@ def sde_step_with_logprob(scheduler, model_output: torch.Tensor, timestep, sampl
     return prev_sample, log_prob, prev_sample_mean, std_dev_t
 
 
+def cps_step_with_logprob(scheduler, model_output: torch.Tensor, timestep, sample: torch.Tensor,
+                          noise_level: float = 0.7, prev_sample: torch.Tensor | None = None,
+                          generator: torch.Generator | None = None):
+    """One coefficient-preserving step; returns (prev_sample, log_prob, prev_sample_mean, std_dev_t).
+
+    ``log_prob`` is log N(prev_sample; mean, std_dev_t^2) averaged over non-batch dims; 0 where the
+    step is deterministic (``noise_level == 0``, which is the Euler step, or sigma_next == 0).
+    """
+    model_output, sample = model_output.float(), sample.float()
+    sigma, sigma_next = sigmas_at(scheduler, timestep, sample.ndim)
+    sigma, sigma_next = sigma.to(sample.device), sigma_next.to(sample.device)
+    std_dev_t = sigma_next * math.sin(noise_level * math.pi / 2)
+    x0 = sample - sigma * model_output
+    x1 = sample + (1 - sigma) * model_output
+    prev_sample_mean = (1 - sigma_next) * x0 + torch.sqrt(sigma_next**2 - std_dev_t**2) * x1
+    stochastic = std_dev_t.reshape(-1) > 0
+    if prev_sample is None:
+        noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        prev_sample = prev_sample_mean + std_dev_t * noise
+    safe_std = torch.where(std_dev_t > 0, std_dev_t, torch.ones_like(std_dev_t))
+    log_prob = gaussian_log_prob(prev_sample.detach().float(), prev_sample_mean, safe_std)
+    return prev_sample, torch.where(stochastic, log_prob, torch.zeros_like(log_prob)), prev_sample_mean, std_dev_t
+
+
+SDE_STEPS = {"sde": sde_step_with_logprob, "cps": cps_step_with_logprob}
+
+
 class FlowPolicy(Policy):
     """StableDiffusion3Pipeline-style model: MMDiT velocity prediction, Euler / SDE steps.
 
@@ -71,6 +114,17 @@ class FlowPolicy(Policy):
         # T5 positions of the prompt embedding; without a T5 encoder they are zeros. SD3 was trained
         # with them (diffusers' default 256); a model trained without them declares 0 in its folder.
         self.max_sequence_length = call_kwargs(pipe).get("max_sequence_length", 256)
+        self.sde_type = "sde"
+
+    @property
+    def sde_type(self) -> str:
+        return self._sde_type
+
+    @sde_type.setter
+    def sde_type(self, value: str) -> None:
+        if value not in SDE_STEPS:
+            raise ValueError(f"model.sde_type={value!r} is not a flow sampler step; use one of {sorted(SDE_STEPS)}")
+        self._sde_type = value
 
     @property
     def denoiser(self):
@@ -101,7 +155,8 @@ class FlowPolicy(Policy):
 
     def step(self, model_output, t, x, prev_sample=None, generator=None, noise=None):
         level = self.noise if noise is None else noise
-        return Step(*sde_step_with_logprob(self.pipe.scheduler, model_output, t, x, level, prev_sample, generator))
+        step = SDE_STEPS[self.sde_type]
+        return Step(*step(self.pipe.scheduler, model_output, t, x, level, prev_sample, generator))
 
     def model_time(self, t):
         return t * self.pipe.scheduler.config.num_train_timesteps
