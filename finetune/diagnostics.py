@@ -52,6 +52,7 @@ def epoch_step_gradients(trainer, epoch: int) -> tuple[torch.Tensor, float]:
 
     Only for objectives trained on the sampler's log-probs (DDPO, Flow-GRPO): their gradient is the
     sum of these rows, so the rows show which steps carry the signal and which only add noise.
+    Rows of deterministic steps are zero.
     """
     if "trajectory" not in trainer.objective.needs:
         raise ValueError(f"--per-step needs an objective trained on sampler steps (ddpo, flow_grpo), "
@@ -66,8 +67,11 @@ def epoch_step_gradients(trainer, epoch: int) -> tuple[torch.Tensor, float]:
     for k in range(T):
         for p in trainer.params:
             p.grad = None
-        for start in range(0, n, trainer.cfg.train.batch_size):
-            idx = torch.arange(start, min(start + trainer.cfg.train.batch_size, n))
+        # A deterministic step (outside an SDE window) has no log-prob to train: the trainer skips it,
+        # and scoring it under the stochastic kernel would add a systematic, signal-free gradient.
+        samples = torch.nonzero(rollout.stochastic_steps[:, k].cpu()).flatten()
+        for start in range(0, len(samples), trainer.cfg.train.batch_size):
+            idx = samples[start:start + trainer.cfg.train.batch_size]
             batch = step_batch(rollout, advantages, idx, torch.full((len(idx),), k))
             loss, _ = trainer.objective.loss(trainer.policy, batch)
             loss.backward()  # plain backward: rows must be comparable, whatever accumulation is set

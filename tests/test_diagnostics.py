@@ -64,20 +64,24 @@ def test_standard_error_covers_pure_noise_of_low_effective_dimension():
     assert covered >= 88
 
 
-def test_step_gradients_add_up_to_the_epoch_gradient(tmp_path):
+@pytest.mark.parametrize("window", [None, [1, 3]], ids=["all-steps", "sde-window"])
+def test_step_gradients_add_up_to_the_epoch_gradient(tmp_path, window):
     from finetune.config import load_config
     from finetune.trainer import Trainer
     from tests.helpers import tiny_sd
 
     tiny_sd().save_pretrained(tmp_path / "model")
+    windowed = [] if window is None else ["sample.sde_window_size=2", f"sample.sde_window_range={window}"]
     cfg = load_config("configs/ddpo_shapes_sd.yaml", [
         f"model.path={tmp_path / 'model'}", f"output_dir={tmp_path / 'run'}", "cpu=true", "reward=brightness",
         "model.num_steps=3", "sample.groups_per_epoch=2", "sample.group_size=4", "sample.batch_size=8",
-        "train.batch_size=4", "train.timestep_fraction=1.0", "eval.every=0", "log.tensorboard=false"])
+        "train.batch_size=4", "train.timestep_fraction=1.0", "eval.every=0", "log.tensorboard=false", *windowed])
     trainer = Trainer(cfg)
     rows, _ = epoch_step_gradients(trainer, 5)
     whole, _ = epoch_gradient(trainer, 5)
-    assert rows.shape == (3, whole.numel()) and (rows.norm(dim=1) > 0).all()
+    # Steps outside the SDE window are deterministic: nothing to train there, a zero row.
+    trained = torch.tensor([window is None or window[0] <= k < window[1] for k in range(3)])
+    assert rows.shape == (3, whole.numel()) and torch.equal(rows.norm(dim=1) > 0, trained)
     # Same rollouts, same samples and steps, summed in another order: the same direction.
     assert torch.nn.functional.cosine_similarity(rows.sum(0), whole, dim=0) > 0.9999
     assert all(p.grad is None for p in trainer.params)
