@@ -104,7 +104,9 @@ def test_cps_step_matches_its_formula_and_preserves_the_noise_coefficient():
     mu = (1 - s_next) * x0.double() + math.sqrt(s_next**2 - sig_t**2) * eps.double()
     assert torch.allclose(mean.double(), mu, atol=1e-5)
     assert np.allclose(std.reshape(-1).numpy(), sig_t)
-    assert np.allclose(logp.numpy(), independent_log_density(prev, mu, sig_t), atol=1e-4)
+    # The reference code's scale-free log-likelihood: the Gaussian exponent without 1 / (2 sigma_t^2).
+    expected = -((prev.double() - mu) ** 2).reshape(4, -1).mean(1)
+    assert np.allclose(logp.numpy(), expected.numpy(), atol=1e-5)
     # x_next = (1 - sigma_next) x0 + noise whose variance is sigma_next^2: the schedule's coefficient.
     residual = prev.double() - (1 - s_next) * x0.double()
     assert abs(residual.var().item() / s_next**2 - 1) < 0.05

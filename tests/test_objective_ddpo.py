@@ -80,6 +80,16 @@ def test_flow_grpo_kl_term():
     assert loss.item() == pytest.approx(0.2)
 
 
+def test_flow_grpo_kl_is_zero_on_a_deterministic_step():
+    mean = torch.ones(2, 1, 2, 2, requires_grad=True)
+    std = torch.tensor([0.5, 0.0]).reshape(2, 1, 1, 1)  # CPS's last step has std 0
+    policy = FakePolicy(torch.zeros(2, requires_grad=True), mean, torch.zeros(2, 1, 2, 2), std)
+    loss, info = build_objective("flow_grpo", "flow", kl_beta=0.1).loss(policy, batch(2, torch.zeros(2), torch.zeros(2)))
+    assert info["kl"].item() == pytest.approx(1.0)  # (2 + 0) / 2
+    loss.backward()
+    assert torch.isfinite(mean.grad).all() and mean.grad[1].abs().sum() == 0
+
+
 def test_objective_registry_errors():
     with pytest.raises(ValueError, match="unknown objective 'ppo'.*available: ddpo, flow_grpo"):
         build_objective("ppo", "sd")

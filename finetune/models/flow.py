@@ -22,8 +22,11 @@ x_next carries exactly sigma_next of noise:
     mu      = (1 - sigma_next) x0 + sqrt(sigma_next^2 - sigma_t^2) x1
     x_next  ~ N(mu, sigma_t^2 I)
 
-The last step (sigma_next = 0) is deterministic. The reference code drops the Gaussian's 1/(2
-sigma_t^2) and normaliser from the log-prob; here it is the true log-density, like the SDE step.
+The last step (sigma_next = 0) is deterministic. As in the reference code, the CPS "log-prob" is
+the Gaussian's exponent without its scale, -mean((x_next - mu)^2): every factor that depends only on
+the schedule is dropped. Its gradient is the true score times 2 sigma_t^2, a per-step weight that
+fades out the last steps, where sigma_t -> 0 would make the true score explode (sigma_next is
+0.001 before the final 0 in SD3's schedule).
 """
 
 from __future__ import annotations
@@ -77,8 +80,9 @@ def cps_step_with_logprob(scheduler, model_output: torch.Tensor, timestep, sampl
                           generator: torch.Generator | None = None):
     """One coefficient-preserving step; returns (prev_sample, log_prob, prev_sample_mean, std_dev_t).
 
-    ``log_prob`` is log N(prev_sample; mean, std_dev_t^2) averaged over non-batch dims; 0 where the
-    step is deterministic (``noise_level == 0``, which is the Euler step, or sigma_next == 0).
+    ``log_prob`` is -(prev_sample - mean)^2 averaged over non-batch dims (the reference code's
+    scale-free log-likelihood, module docstring); 0 where the step is deterministic
+    (``noise_level == 0``, which is the Euler step, or sigma_next == 0).
     """
     model_output, sample = model_output.float(), sample.float()
     sigma, sigma_next = sigmas_at(scheduler, timestep, sample.ndim)
@@ -87,13 +91,11 @@ def cps_step_with_logprob(scheduler, model_output: torch.Tensor, timestep, sampl
     x0 = sample - sigma * model_output
     x1 = sample + (1 - sigma) * model_output
     prev_sample_mean = (1 - sigma_next) * x0 + torch.sqrt(sigma_next**2 - std_dev_t**2) * x1
-    stochastic = std_dev_t.reshape(-1) > 0
     if prev_sample is None:
         noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
         prev_sample = prev_sample_mean + std_dev_t * noise
-    safe_std = torch.where(std_dev_t > 0, std_dev_t, torch.ones_like(std_dev_t))
-    log_prob = gaussian_log_prob(prev_sample.detach().float(), prev_sample_mean, safe_std)
-    return prev_sample, torch.where(stochastic, log_prob, torch.zeros_like(log_prob)), prev_sample_mean, std_dev_t
+    log_prob = -((prev_sample.detach().float() - prev_sample_mean) ** 2).mean(dim=tuple(range(1, sample.ndim)))
+    return prev_sample, log_prob, prev_sample_mean, std_dev_t
 
 
 SDE_STEPS = {"sde": sde_step_with_logprob, "cps": cps_step_with_logprob}

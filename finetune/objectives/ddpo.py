@@ -49,8 +49,11 @@ class DDPO(Objective):
             with torch.no_grad(), policy.reference():
                 ref = policy.step(policy.predict(x_t, t, batch["cond"]), t, x_t, prev_sample=batch["x_prev"])
             dims = tuple(range(1, x_t.ndim))
+            var = step.std_dev_t.reshape(-1).expand(len(x_t)) ** 2
+            stochastic = var > 0  # CPS's last step is deterministic: no KL there, and no 0/0 in the gradient
             kl = ((step.prev_sample_mean - ref.prev_sample_mean) ** 2).mean(dim=dims) / (
-                2 * step.std_dev_t.reshape(len(x_t)) ** 2)
+                2 * torch.where(stochastic, var, torch.ones_like(var)))
+            kl = torch.where(stochastic, kl, torch.zeros_like(kl))
             loss = loss + self.kl_beta * kl.mean()
             info["kl"] = kl.mean().detach()
         return loss, info
