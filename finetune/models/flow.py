@@ -26,7 +26,7 @@ The last step (sigma_next = 0) is deterministic. As in the reference code, the C
 the Gaussian's exponent without its scale, -mean((x_next - mu)^2): every factor that depends only on
 the schedule is dropped. Its gradient is the true score times 2 sigma_t^2, a per-step weight that
 fades out the last steps, where sigma_t -> 0 would make the true score explode (sigma_next is
-0.001 before the final 0 in SD3's schedule).
+0.001 before the final 0 in the shapes-flow schedule).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def cps_step_with_logprob(scheduler, model_output: torch.Tensor, timestep, sampl
     """One coefficient-preserving step; returns (prev_sample, log_prob, prev_sample_mean, std_dev_t).
 
     ``log_prob`` is -(prev_sample - mean)^2 averaged over non-batch dims (the reference code's
-    scale-free log-likelihood, module docstring); 0 where the step is deterministic
+    scale-free log-likelihood, module docstring); 0 when sampling a deterministic step
     (``noise_level == 0``, which is the Euler step, or sigma_next == 0).
     """
     model_output, sample = model_output.float(), sample.float()
