@@ -8,6 +8,9 @@ ODE sampler, guidance ``--eval-guidance``) whenever its training time passes a m
 ``--eval-every-minutes``; evaluation time is not counted. Writes ``OUT/<recipe>/`` (the runs),
 ``OUT/bench.png`` (score vs training seconds) and ``OUT/bench.md`` (final scores and the time each
 needs to reach Flow-GRPO's final score).
+
+Recipes can run side by side, one process per core (``--recipes`` one each, separate ``--out``);
+``--merge DIR ...`` then combines their ``curves.json`` into one table and plot in ``--out``.
 """
 
 from __future__ import annotations
@@ -70,13 +73,21 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=15.0, help="training budget per objective")
     ap.add_argument("--eval-every-minutes", type=float, default=3.0)
     ap.add_argument("--eval-guidance", type=float, default=4.0)
+    ap.add_argument("--merge", nargs="+", metavar="DIR", help="combine the curves.json of earlier runs; train nothing")
     ap.add_argument("overrides", nargs="*", help="key=value overrides applied to every recipe")
     args = ap.parse_args()
+    out = Path(args.out)
+    if args.merge:
+        curves = {}
+        for run in args.merge:
+            curves.update(json.loads((Path(run) / "curves.json").read_text()))
+        curves = dict(sorted(curves.items(), key=lambda kv: kv[0] != "flow_grpo"))  # the reference first
+        report(curves, out)
+        return
 
     # `--recipes a.yaml b.yaml key=value` would otherwise swallow the overrides as recipe names.
     recipes = [r for r in args.recipes if "=" not in r]
     overrides = [r for r in args.recipes if "=" in r] + args.overrides
-    out = Path(args.out)
     curves = {}
     for recipe in recipes:
         run_dir = out / Path(recipe).stem
@@ -87,6 +98,12 @@ def main() -> None:
         history = Trainer(cfg).train()
         curves[cfg.objective.name] = [h for h in history if "geneval_overall" in h]
         (out / "curves.json").write_text(json.dumps(curves, indent=1) + "\n")  # partial results survive a crash
+    report(curves, out)
+
+
+def report(curves: dict[str, list[dict]], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "curves.json").write_text(json.dumps(curves, indent=1) + "\n")
     plot(curves, out / "bench.png")
     text = table(curves)
     (out / "bench.md").write_text(text + "\n")
