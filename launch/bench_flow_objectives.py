@@ -80,7 +80,10 @@ def main() -> None:
     if args.merge:
         curves = {}
         for run in args.merge:
-            curves.update(json.loads((Path(run) / "curves.json").read_text()))
+            path = Path(run) / "curves.json"
+            if not path.is_file():
+                raise SystemExit(f"--merge {run}: no curves.json there; run the bench with --out {run} first")
+            curves.update(json.loads(path.read_text()))
         curves = dict(sorted(curves.items(), key=lambda kv: kv[0] != "flow_grpo"))  # the reference first
         report(curves, out)
         return

@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -34,6 +36,13 @@ def test_no_target_when_flow_grpo_does_not_improve():
     bench = load_bench()
     curves = {"flow_grpo": curve([(0, 0.30), (900, 0.25)]), "nft": curve([(0, 0.30), (900, 0.40)])}
     assert all("| n/a | - |" in line for line in bench.table(curves).splitlines()[2:])
+
+
+def test_merge_names_a_run_without_curves(tmp_path, monkeypatch):
+    bench = load_bench()
+    monkeypatch.setattr(sys, "argv", ["bench", "--out", str(tmp_path / "m"), "--merge", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="missing: no curves.json"):
+        bench.main()
 
 
 def test_merge_combines_parallel_runs(tmp_path, monkeypatch):
