@@ -12,13 +12,15 @@ from eval.shapes.grammar import TAGS
 
 
 def category_table(summaries: dict[str, dict]) -> str:
-    """A markdown table, one row per run (e.g. model), one column per GenEval task + overall."""
+    """A markdown table, one row per run (e.g. model), one column per GenEval task + overall (± its
+    image-sampling standard error where the summary has it)."""
     tags = [t for t in TAGS if any(t in s["tasks"] for s in summaries.values())]
     header = "| run | " + " | ".join(tags) + " | overall |"
     lines = [header, "|" + "---|" * (len(tags) + 2)]
     for name, s in summaries.items():
         cells = [f"{s['tasks'][t]['score']:.3f}" if t in s["tasks"] else "-" for t in tags]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['overall']:.3f} |")
+        se = f" ± {s['overall_se']:.3f}" if "overall_se" in s else ""
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['overall']:.3f}{se} |")
     return "\n".join(lines)
 
 

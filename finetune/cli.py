@@ -115,13 +115,15 @@ def cmd_demo(args) -> None:
         before, after = evals[0], evals[-1]
         for label, h in (("base", before), (f"{cfg.objective.name} {after['epoch']} ep", after)):
             summaries[f"{cfg.model.path} {label}"] = read_summary(run_dir, h["epoch"])
-        lines.append(f"{name}: {before['geneval_overall']:.3f} -> {after['geneval_overall']:.3f} "
+        se = f" (± {after['geneval_overall_se']:.3f})" if "geneval_overall_se" in after else ""
+        lines.append(f"{name}: {before['geneval_overall']:.3f} -> {after['geneval_overall']:.3f}{se} "
                      f"({after['epoch']} epochs, {after['time'] / 60:.1f} min of training)")
         grids = [Image.open(run_dir / "eval" / f"epoch-{h['epoch']:04d}" / "grid.png") for h in (before, after)]
         make_image_grid(grids, rows=1, cols=2).save(run_dir / "before_after.png")
     table = category_table(summaries)
     (out / "summary.md").write_text(table + "\n\n" + "\n".join(lines) + "\n")
-    print(f"\nGenEval-shapes, eval split, 4 images per prompt:\n{table}\n")
+    print(f"\nGenEval-shapes, eval split, {cfg.eval.images_per_prompt} images per prompt "
+          f"(overall ± its image-sampling standard error):\n{table}\n")
     print("\n".join(lines))
     print(f"grids: {out}/*/before_after.png, curves: {out}/*/curves.png")
 

@@ -328,7 +328,7 @@ class Trainer:
             write_prompt(folder / "images", i, self.eval_prompts[i], ims)
         summary = geneval.write_results(rows, folder / "results.jsonl")
         folder_grid(folder / "images", folder / "grid.png")
-        return {"geneval_overall": summary["overall"],
+        return {"geneval_overall": summary["overall"], "geneval_overall_se": summary["overall_se"],
                 **{f"geneval/{k}": v["score"] for k, v in summary["tasks"].items()}}
 
     # -- the loop -----------------------------------------------------------------------------

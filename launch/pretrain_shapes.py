@@ -132,8 +132,11 @@ def stage_denoiser(args, family: str) -> None:
         else:
             cond, _, pooled, _ = pipe.encode_prompt(batch_prompts, batch_prompts, None, "cpu", 1, False,
                                                     **FLOW_CALL_KWARGS)
-            # SD3's logit-normal time sampling; the velocity target of rectified flow is eps - x0.
-            t = torch.sigmoid(torch.randn(len(x0), generator=gen))
+            # SD3's logit-normal time sampling (or uniform); the velocity target of rectified flow is eps - x0.
+            if args.flow_time == "uniform":
+                t = torch.rand(len(x0), generator=gen)
+            else:
+                t = torch.sigmoid(torch.randn(len(x0), generator=gen))
             x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
             pred = denoiser(x_t, cond, pooled, t * 1000).sample
             loss = F.mse_loss(pred, noise - x0)
@@ -176,6 +179,8 @@ def main() -> None:
     ap.add_argument("--flow-steps", type=int, default=8000)
     ap.add_argument("--flow-layers", type=int, default=6, help="MMDiT blocks of shapes-flow")
     ap.add_argument("--flow-heads", type=int, default=4, help="attention heads (of 32 dims) of shapes-flow")
+    ap.add_argument("--flow-time", choices=["logit-normal", "uniform"], default="logit-normal",
+                    help="training-time distribution of shapes-flow")
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--save-every", type=int, default=0, help="also save the EMA weights every N steps")

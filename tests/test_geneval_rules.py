@@ -165,3 +165,20 @@ def test_graded_terms_follow_flow_grpo_reward():
     assert graded({"dog": [det(0, 0, 10, 10)], "cup": [det(30, 0, 40, 10)]}, left) == [1.0, 1.0, 0.0]
     assert graded({"cup": [det(0, 0, 10, 10)]}, left) == [0.0, 1.0, 0.0]
     assert graded({"dog": [det(30, 0, 40, 10)]}, left) == [1.0, 0.0, 0.0]
+
+
+def test_overall_standard_error_matches_a_hand_computation():
+    # Task A: prompt a1 [1, 0] (n/(n-1) q(1-q) = 1/2), a2 [1, 1] (0): Var(score_A) = 2 * 1/2 / 4^2.
+    # Task B: prompt b1 [1, 0, 0] (3/2 * 2/9 = 1/3): Var(score_B) = 3 * 1/3 / 3^2.
+    # A one-image prompt adds nothing. Var(overall) = (1/16 + 1/9) / 2^2, SE = 5/24.
+    outcomes = {("A", "a1"): [1, 0], ("A", "a2"): [1, 1], ("B", "b1"): [1, 0, 0], ("B", "b2"): [1]}
+    rows = [{"tag": tag, "metadata": json.dumps({"tag": tag, "prompt": p}), "correct": bool(c)}
+            for (tag, p), cs in outcomes.items() for c in cs]
+    s = geneval.summarize(rows)
+    # With b2's image B has N = 4: Var(score_B) = 1 / 16, so SE = sqrt(2 / 16) / 2.
+    assert abs(s["overall_se"] - (2 / 16) ** 0.5 / 2) < 1e-12
+    s = geneval.summarize([r for r in rows if json.loads(r["metadata"])["prompt"] != "b2"])
+    assert abs(s["overall_se"] - 5 / 24) < 1e-12
+    assert "Standard error of the overall score (image sampling): 0.20833" in geneval.format_summary(s)
+    # Every prompt always right or always wrong: no sampling noise.
+    assert geneval.summarize([dict(r, correct=True) for r in rows])["overall_se"] == 0.0
