@@ -228,15 +228,15 @@ def sampling_standard_error(results: list[dict], tags: list[str]) -> float:
     evaluation with other seeds would scatter by: on the 62-prompt shapes split with 4 images per
     prompt it is several hundredths, so compare runs with more images per prompt (or several seeds).
     """
-    per_prompt: dict[tuple[str, str], list[bool]] = {}
+    by_tag: dict[str, dict[str, list[bool]]] = {}
     for row in results:
-        per_prompt.setdefault((row["tag"], row["metadata"]), []).append(bool(row["correct"]))
+        by_tag.setdefault(row["tag"], {}).setdefault(row["metadata"], []).append(bool(row["correct"]))
     variance = 0.0
     for tag in tags:
-        outcomes = [v for (t, _), v in per_prompt.items() if t == tag]
-        total = sum(len(v) for v in outcomes)
-        spread = sum(len(v) / (len(v) - 1) * len(v) * np.mean(v) * (1 - np.mean(v)) for v in outcomes if len(v) > 1)
-        variance += spread / total ** 2
+        prompts = by_tag[tag].values()
+        # n_p * n/(n-1) * q(1-q) with q = k/n is k(n-k)/(n-1).
+        spread = sum(sum(v) * (len(v) - sum(v)) / (len(v) - 1) for v in prompts if len(v) > 1)
+        variance += spread / sum(len(v) for v in prompts) ** 2
     return float(np.sqrt(variance) / len(tags))
 
 

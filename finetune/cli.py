@@ -122,7 +122,8 @@ def cmd_demo(args) -> None:
         make_image_grid(grids, rows=1, cols=2).save(run_dir / "before_after.png")
     table = category_table(summaries)
     (out / "summary.md").write_text(table + "\n\n" + "\n".join(lines) + "\n")
-    print(f"\nGenEval-shapes, eval split, {cfg.eval.images_per_prompt} images per prompt "
+    per_prompt = "/".join(sorted({str(s["total_images"] // s["total_prompts"]) for s in summaries.values()}))
+    print(f"\nGenEval-shapes, eval split, {per_prompt} images per prompt "
           f"(overall ± its image-sampling standard error):\n{table}\n")
     print("\n".join(lines))
     print(f"grids: {out}/*/before_after.png, curves: {out}/*/curves.png")
