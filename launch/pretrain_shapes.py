@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, SD3Transformer2DModel
 from diffusers.training_utils import EMAModel
 
 from eval.shapes import grammar, render
@@ -52,11 +52,7 @@ def log(stage: str, step: int, total: int, loss: float, started: float) -> None:
 
 
 def stage_vae(args) -> None:
-    cache = args.work / "cache.pt"
-    records = tag_balanced_prompts(args.images, args.seed)
-    started = time.time()
-    images = to_tensor([render.render(r, seed=args.seed * 1_000_003 + i)[0] for i, r in enumerate(records)])
-    print(f"[vae] rendered {len(images)} images in {time.time() - started:.0f}s", flush=True)
+    records, images = render_training_set(args)
 
     torch.manual_seed(args.seed)
     vae = tiny.vae()
@@ -78,15 +74,67 @@ def stage_vae(args) -> None:
         if step % 100 == 0 or step == args.vae_steps:
             log("vae", step, args.vae_steps, loss.item(), started)
 
+    latents = encode_and_cache(args, vae, records, images)
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()), shift_factor=float(latents.mean()))
+    print(f"[vae] latents {tuple(latents.shape)}, mean {latents.mean():.3f}, std {latents.std():.3f}")
+    vae.save_pretrained(args.work / "vae")
+
+
+def render_training_set(args) -> tuple[list[dict], torch.Tensor]:
+    records = tag_balanced_prompts(args.images, args.seed)
+    started = time.time()
+    images = to_tensor([render.render(r, seed=args.seed * 1_000_003 + i)[0] for i, r in enumerate(records)])
+    print(f"[data] rendered {len(images)} images in {time.time() - started:.0f}s", flush=True)
+    return records, images
+
+
+def encode_and_cache(args, vae: AutoencoderKL, records: list[dict], images: torch.Tensor) -> torch.Tensor:
+    """Write the denoiser stages' inputs: VAE latents of the training set, its prompts, the tokenizer."""
     vae.eval()
     with torch.no_grad():
         latents = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
-    vae.register_to_config(scaling_factor=float(1.0 / latents.std()), shift_factor=float(latents.mean()))
-    print(f"[vae] latents {tuple(latents.shape)}, mean {latents.mean():.3f}, std {latents.std():.3f}")
-    tok_dir = args.work / "tokenizer"
-    tiny.write_tokenizer(tok_dir)
+    tiny.write_tokenizer(args.work / "tokenizer")
+    torch.save({"latents": latents, "prompts": [r["prompt"] for r in records]}, args.work / "cache.pt")
+    return latents
+
+
+def stage_cache(args) -> None:
+    """The ``vae`` stage's data cache from an already trained VAE (to continue from the shipped models)."""
+    vae = AutoencoderKL.from_pretrained(args.vae)
+    records, images = render_training_set(args)
+    encode_and_cache(args, vae, records, images)
     vae.save_pretrained(args.work / "vae")
-    torch.save({"latents": latents, "prompts": [r["prompt"] for r in records]}, cache)
+
+
+def deepen(transformer: SD3Transformer2DModel, num_layers: int) -> SD3Transformer2DModel:
+    """A deeper MMDiT that computes exactly what ``transformer`` computes (function-preserving growth).
+
+    Each new block is a copy of the trained block before it with its residual gates (adaLN-Zero's
+    gate rows, image and text streams) set to zero, so it starts as the identity and training opens
+    it. New blocks go after the first blocks in turn; the last block (text stream output only) stays last.
+    """
+    old = transformer.transformer_blocks
+    if not len(old) < num_layers <= 2 * len(old) - 1:
+        raise ValueError(f"--grow-layers must be in ({len(old)}, {2 * len(old) - 1}], got {num_layers}")
+    grown = SD3Transformer2DModel.from_config({**transformer.config, "num_layers": num_layers})
+    order, extra = [], num_layers - len(old)
+    for i in range(len(old) - 1):
+        order.append((i, False))
+        if i < extra:
+            order.append((i, True))
+    order.append((len(old) - 1, False))
+    grown.load_state_dict({k: v for k, v in transformer.state_dict().items() if not k.startswith("transformer_blocks.")},
+                          strict=False)
+    dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    for new, (i, is_copy) in zip(grown.transformer_blocks, order):
+        new.load_state_dict(old[i].state_dict())
+        if is_copy:
+            with torch.no_grad():
+                for norm in (new.norm1, new.norm1_context):  # chunks: shift, scale, gate (msa), shift, scale, gate (mlp)
+                    for chunk in (2, 5):
+                        norm.linear.weight[chunk * dim:(chunk + 1) * dim] = 0
+                        norm.linear.bias[chunk * dim:(chunk + 1) * dim] = 0
+    return grown
 
 
 def stage_denoiser(args, family: str) -> None:
@@ -99,6 +147,10 @@ def stage_denoiser(args, family: str) -> None:
         pipe = tiny.sd_pipeline(tokenizer_dir=args.work / "tokenizer")
     else:
         pipe = tiny.sd3_pipeline(layers=args.flow_layers, heads=args.flow_heads, tokenizer_dir=args.work / "tokenizer")
+    if args.grow_layers:
+        if family != "flow":
+            raise ValueError("--grow-layers applies to the flow stage (an MMDiT)")
+        pipe.transformer = deepen(pipe.transformer, args.grow_layers)
     denoiser = pipe.unet if family == "sd" else pipe.transformer
     pipe.vae = AutoencoderKL.from_pretrained(args.work / "vae")
     shift = pipe.vae.config.shift_factor if family == "flow" else 0.0
@@ -167,7 +219,9 @@ def save(pipe, args, family: str, step: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", choices=["vae", "sd", "flow"], required=True)
+    ap.add_argument("--stage", choices=["vae", "cache", "sd", "flow"], required=True)
+    ap.add_argument("--vae", type=Path, default=ROOT / "assets" / "shapes-sd" / "vae",
+                    help="cache stage: the trained VAE whose latents the denoisers learn")
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "pretrain")
     ap.add_argument("--assets", type=Path, default=ROOT / "assets", help="where the models are written")
     ap.add_argument("--seed", type=int, default=0)
@@ -185,11 +239,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--save-every", type=int, default=0, help="also save the EMA weights every N steps")
     ap.add_argument("--init", type=Path, default=None, help="continue training this pipeline folder")
+    ap.add_argument("--grow-layers", type=int, default=0,
+                    help="with --init (flow): deepen the MMDiT to this many blocks, function-preserving")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.stage == "vae":
         stage_vae(args)
+    elif args.stage == "cache":
+        stage_cache(args)
     else:
         stage_denoiser(args, args.stage)
 
