@@ -3,6 +3,10 @@
     python launch/pretrain_shapes.py --stage vae    # data + shared VAE + tokenizer  (~9 min, 2 threads)
     python launch/pretrain_shapes.py --stage sd     # shapes-sd   (StableDiffusionPipeline)
     python launch/pretrain_shapes.py --stage flow   # shapes-flow (StableDiffusion3Pipeline)
+    python launch/pretrain_shapes.py --stage cache  # the data cache alone, from a trained VAE (--vae)
+
+Another round from a shipped model: ``--stage cache``, then ``--stage flow --init assets/shapes-flow``
+(``--grow-layers N`` first deepens the MMDiT to N blocks without changing what it computes).
 
 ``sd`` and ``flow`` only need the ``vae`` stage's cache, so they can run side by side, one core
 each (``launch/pretrain_shapes.sh`` does that). Steps, not wall-clock, bound every stage, so a seed
