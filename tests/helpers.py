@@ -51,3 +51,13 @@ def tiny_on_responsive_vae(family, seed=0):
     else:
         pipe = tiny.sd3_pipeline(layers=1, head_dim=16, heads=2, text_hidden=32, text_layers=1, **sizes)
     return with_responsive_vae(pipe)
+
+
+def load_launch_script(filename: str):
+    """Import a script from launch/ (not a package) as a module."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "launch" / filename
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

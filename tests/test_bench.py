@@ -1,20 +1,18 @@
 """The objective head-to-head's report: time to reach Flow-GRPO's final score, and merging parallel runs."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import load_launch_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "launch" / "bench_flow_objectives.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_launch_script("bench_flow_objectives.py")
 
 
 def curve(points):

@@ -1,25 +1,14 @@
 """Function-preserving depth growth of the MMDiT (`launch/pretrain_shapes.py --grow-layers`)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from finetune.models import tiny
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("pretrain_shapes", ROOT / "launch" / "pretrain_shapes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_launch_script
 
 
 def test_deepen_keeps_the_function_and_trains_the_new_blocks():
-    deepen = load_script().deepen
+    deepen = load_launch_script("pretrain_shapes.py").deepen
     torch.manual_seed(0)
     transformer = tiny.sd3_pipeline(layers=3, head_dim=8, heads=2, text_hidden=16, text_layers=1).transformer
     # Random gates everywhere, so that a wrongly zeroed or misplaced block would change the output.
