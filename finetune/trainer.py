@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from finetune import checkpoint
 from finetune.advantages import PerPromptStatTracker
 from finetune.models import load_policy
+from finetune.models.hub import save_pipeline
 from finetune.models.base import select
 from finetune.objectives import build_objective
 from finetune.rollout import Rollout, sample
@@ -383,9 +384,11 @@ class Trainer:
     def finish(self) -> None:
         acc = self.accelerator
         if acc.is_main_process:
-            if self.cfg.lora.enabled:
-                with self.ema_weights():
+            with self.ema_weights():
+                if self.cfg.lora.enabled:
                     self.policy.save_lora(self.out / "lora")
+                else:  # full fine-tuning: a complete pipeline folder that `from_pretrained` and --model load
+                    save_pipeline(self.policy.pipe, self.out / "model")
             (self.out / "history.json").write_text(json.dumps(self.history, indent=1) + "\n")
             plot_curves(self.history, self.out / "curves.png")
         acc.wait_for_everyone()

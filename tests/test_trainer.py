@@ -121,7 +121,8 @@ def test_brightness_reward_rises(tmp_path, family, extra):
         "model.num_steps=4", "sample.groups_per_epoch=2", "sample.group_size=8", "sample.batch_size=16",
         "train.batch_size=8", "train.epochs=16", "train.lr=1e-2",
         "lora.rank=16", "lora.alpha=16", "eval.every=0", "log.tensorboard=false", *extra])
-    history = Trainer(cfg).train()
+    trainer = Trainer(cfg)
+    history = trainer.train()
     rewards = [h["reward_mean"] for h in history]
     # The per-epoch mean is noisy (16 fresh samples), so test the trend: a least-squares slope over the
     # epochs that is positive and significant (p < 0.01), and a last quarter above the first.
@@ -129,6 +130,16 @@ def test_brightness_reward_rises(tmp_path, family, extra):
     assert fit.slope > 0 and fit.pvalue < 0.01, (fit, rewards)
     q = len(rewards) // 4
     assert np.mean(rewards[-q:]) > np.mean(rewards[:q]), rewards
+    # Full fine-tuning exports the trained pipeline as a folder that from_pretrained loads.
+    def denoiser_weights(folder):
+        pipe = load_pipeline(str(folder))
+        return (pipe.unet if FAMILY[family] == "sd" else pipe.transformer).state_dict()
+
+    exported, base = denoiser_weights(tmp_path / "run" / "model"), denoiser_weights(tmp_path / "model")
+    with trainer.ema_weights():  # NFT and AWM export their EMA weights
+        trained = {name: p.detach().clone() for name, p in trainer.trainable_state().items()}
+    assert trained and all(torch.equal(exported[name], p) for name, p in trained.items())
+    assert any(not torch.equal(exported[name], base[name]) for name in trained)
 
 
 def test_prompt_sampling_balances_tags(models, tmp_path):
