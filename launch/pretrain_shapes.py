@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 from diffusers.training_utils import EMAModel
+from safetensors.torch import save_file
 
 from eval.shapes import grammar, render
 from finetune.models import tiny
@@ -218,6 +219,11 @@ def save(pipe, args, family: str, step: int) -> None:
     if family == "flow":
         pipe.call_kwargs = FLOW_CALL_KWARGS
     save_pipeline(pipe, out)
+    if args.half and family == "flow":
+        # The shipped copy: float16 halves the repository's largest file; from_pretrained loads it
+        # into a float32 model unless asked otherwise.
+        state = {k: v.detach().to(torch.float16).contiguous() for k, v in pipe.transformer.state_dict().items()}
+        save_file(state, out / "transformer" / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
     print(f"[{family}] saved {out} at step {step}", flush=True)
 
 
@@ -243,6 +249,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--save-every", type=int, default=0, help="also save the EMA weights every N steps")
     ap.add_argument("--init", type=Path, default=None, help="continue training this pipeline folder")
+    ap.add_argument("--half", action="store_true", help="store the MMDiT's weights in float16 (shipped copy)")
     ap.add_argument("--grow-layers", type=int, default=0,
                     help="with --init (flow): deepen the MMDiT to this many blocks, function-preserving")
     args = ap.parse_args()

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
 from eval.generate import generate, image_seed, initial_noise
@@ -51,7 +53,7 @@ def test_pretraining_script_builds_loadable_models(tmp_path):
     script = ROOT / "launch" / "pretrain_shapes.py"
     common = ["--work", str(tmp_path / "work"), "--assets", str(tmp_path / "assets"), "--batch", "4"]
     for stage in (["--stage", "vae", "--images", "16", "--vae-steps", "2"],
-                  ["--stage", "sd", "--sd-steps", "2"], ["--stage", "flow", "--flow-steps", "2"]):
+                  ["--stage", "sd", "--sd-steps", "2"], ["--stage", "flow", "--flow-steps", "2", "--half"]):
         done = subprocess.run([sys.executable, str(script), *stage, *common], cwd=ROOT, capture_output=True,
                               text=True, timeout=300, env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
                                                           "PATH": "/usr/bin:/bin"})
@@ -59,6 +61,11 @@ def test_pretraining_script_builds_loadable_models(tmp_path):
     assert type(hub.load_pipeline(str(tmp_path / "assets" / "shapes-sd"))) is StableDiffusionPipeline
     flow = hub.load_pipeline(str(tmp_path / "assets" / "shapes-flow"))
     assert type(flow) is StableDiffusion3Pipeline and flow.call_kwargs == {"max_sequence_length": 0}
+    # --half stores the MMDiT in float16; it loads into float32 weights equal to the stored ones.
+    stored = load_file(tmp_path / "assets" / "shapes-flow" / "transformer" / "diffusion_pytorch_model.safetensors")
+    loaded = flow.transformer.state_dict()
+    assert {v.dtype for v in stored.values()} == {torch.float16} and loaded.keys() == stored.keys()
+    assert all(loaded[k].dtype == torch.float32 and torch.equal(loaded[k], v.float()) for k, v in stored.items())
 
 
 def test_unknown_model_errors():
