@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 from finetune import checkpoint
 from finetune.advantages import PerPromptStatTracker
 from finetune.models import load_policy
-from finetune.models.hub import save_pipeline
 from finetune.models.base import select
+from finetune.models.hub import save_pipeline
 from finetune.objectives import build_objective
 from finetune.rollout import Rollout, sample
 from rewards.base import build_reward, check_finite
