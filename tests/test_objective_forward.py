@@ -228,6 +228,23 @@ def test_awm_first_step_gradient_is_advantage_weighted_matching(weighting):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-7)
 
 
+def test_awm_negative_weight_scales_only_the_worse_samples():
+    policy = LinearFlow()
+    batch = data()
+    x0, eps, t = batch["x0"], batch["eps"], batch["t"]
+    A = batch["advantages"].clamp(-5, 5) / 5
+    assert (A < 0).any() and (A > 0).any()
+    for negative_weight in (0.0, 0.3):
+        loss, _ = awm_with(policy, weighting="uniform", negative_weight=negative_weight).loss(policy, batch)
+        v = policy.forward(policy.noised(x0, eps, t), t * 1000, {}, False)
+        mse = ((v - (eps - x0)) ** 2).mean(dim=(1, 2, 3))
+        A_w = torch.where(A < 0, negative_weight * A, A)
+        for got, want in zip(grads(loss, policy.params), grads((A_w * mse).mean(), policy.params)):
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="objective.negative_weight"):
+        AWM(negative_weight=-1.0)
+
+
 def test_awm_ratio_uses_the_rollout_policy_after_a_step():
     policy = LinearFlow()
     awm = awm_with(policy, clip_range=0.05, weighting="uniform")

@@ -14,7 +14,10 @@ with w the time weighting ("uniform": the mse itself; "ghuber" (the official def
     ratio = exp(log p_theta - log p_old)
     L     = mean[ max(-A ratio, -A clip(ratio, 1 - eps_clip, 1 + eps_clip)) ] + beta || v_theta - v_ref ||^2
 
-where p_old is the rollout policy. On the first step after sampling the ratio is 1 and the
+where p_old is the rollout policy. ``negative_weight`` (not in the paper; default 1) scales the
+negative advantages: at 0 only the better-than-average samples are matched (reward-weighted
+regression), which tests whether pushing the worse ones' likelihood down is what destabilises a run.
+On the first step after sampling the ratio is 1 and the
 gradient is -A grad log p_theta: advantage-weighted flow matching, pretraining's loss reweighted.
 As in the official code, v_theta is guided when the model's guidance scale is > 1.
 For epsilon models the target is eps instead of the velocity (``policy.target``).
@@ -47,7 +50,7 @@ class AWM(Objective):
     def __init__(self, clip_range: float = 1.0, adv_clip_max: float = 5.0, advantage_max: float = 1.0,
                  kl_beta: float = 1e-3, train_timesteps: int = 6, time_type: str = "discrete_wo_init",
                  timestep_fraction: float = 0.9, time_shift: float = 3.0, weighting: str = "ghuber",
-                 ghuber_power: float = 0.25):
+                 ghuber_power: float = 0.25, negative_weight: float = 1.0):
         if time_type not in TIME_TYPES:
             raise ValueError(f"objective.time_type must be one of {', '.join(TIME_TYPES)}, got {time_type!r}")
         weighted_log_prob(torch.zeros(1), torch.ones(1), weighting)  # validate the name now
@@ -61,6 +64,9 @@ class AWM(Objective):
         self.time_shift = time_shift
         self.weighting = weighting
         self.ghuber_power = ghuber_power
+        if negative_weight < 0:
+            raise ValueError(f"objective.negative_weight must be >= 0, got {negative_weight}")
+        self.negative_weight = negative_weight
         self.old: WeightCopy | None = None
         self.on_policy = True
 
@@ -100,6 +106,7 @@ class AWM(Objective):
         if old_log_prob is None:  # no step since sampling: the current weights are the rollout policy
             old_log_prob = log_prob.detach()
         A = clip_advantages(batch["advantages"], self.adv_clip_max) / self.adv_clip_max * self.advantage_max
+        A = torch.where(A < 0, A * self.negative_weight, A)
         ratio = torch.exp(log_prob - old_log_prob)
         policy_loss = clipped_surrogate(A, ratio, self.clip_range).float()
         info = {"policy_loss": policy_loss.detach(), "log_prob": log_prob.mean().detach().float(),
