@@ -16,7 +16,8 @@ with w the time weighting ("uniform": the mse itself; "ghuber" (the official def
 
 where p_old is the rollout policy. ``negative_weight`` (not in the paper; default 1) scales the
 negative advantages: at 0 only the better-than-average samples are matched (reward-weighted
-regression), which tests whether pushing the worse ones' likelihood down is what destabilises a run.
+regression). On shapes-flow that collapses faster than the default, so the negative half is not
+what destabilises AWM at high learning rates (README).
 On the first step after sampling the ratio is 1 and the
 gradient is -A grad log p_theta: advantage-weighted flow matching, pretraining's loss reweighted.
 As in the official code, v_theta is guided when the model's guidance scale is > 1.
