@@ -53,7 +53,9 @@ def plot(curves: dict[str, list[dict]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, evals in curves.items():
-        ax.plot([h["time"] for h in evals], [h["geneval_overall"] for h in evals], marker="o", label=name)
+        # Error bars: the overall score's standard error over eval images (differences below ~2 s.e. are noise).
+        ax.errorbar([h["time"] for h in evals], [h["geneval_overall"] for h in evals],
+                    yerr=[h.get("geneval_overall_se", 0.0) for h in evals], marker="o", capsize=3, label=name)
     ax.set(xlabel="training wall-clock seconds (evaluation excluded)", ylabel="GenEval-shapes overall",
            title="shapes-flow: objectives at equal CPU budget")
     ax.grid(alpha=0.3)

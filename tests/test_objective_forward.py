@@ -150,6 +150,35 @@ def test_nft_positive_equals_negative_when_theta_is_old():
     assert loss.item() == pytest.approx(5.0 * info["loss_pos"].item() / 0.5, rel=1e-6)
 
 
+def test_nft_pulls_average_samples_back_to_the_old_policy_awm_does_not():
+    # With D = t beta (v_theta - v_old) and e = x_t - t v_old - x0: x0+ - x0 = e - D, x0- - x0 = e + D, so
+    # r l+ + (1 - r) l- ~ |e|^2 + |D|^2 - 2 (2r - 1) e.D: advantage-weighted matching plus a proximal
+    # term. A sample at r = 1/2 (advantage 0) pulls v_theta back to v_old; in AWM it has no gradient.
+    policy = LinearFlow()
+    nft = nft_with(policy, beta=1.0)
+    batch = {**data(), "advantages": torch.zeros(SHAPE[0])}
+    for p, g in zip(policy.params, grads(nft.loss(policy, batch)[0], policy.params)):
+        assert g.abs().max().item() < 1e-6  # theta = theta_old: l+ and l- cancel exactly
+    perturb(policy, scale=0.05)
+    x_t = policy.noised(batch["x0"], batch["eps"], batch["t"])
+    time = policy.model_time(batch["t"])
+
+    def distance_to_old():
+        with nft.old.swapped_in():
+            v_old = policy.predict(x_t, time, {}).detach()
+        return ((policy.predict(x_t, time, {}) - v_old) ** 2).mean()
+
+    before = distance_to_old().item()
+    for p, g in zip(policy.params, grads(nft.loss(policy, batch)[0], policy.params)):
+        p.data -= 1e-3 * g
+    assert distance_to_old().item() < before
+    awm = awm_with(policy, weighting="uniform", clip_range=0.2)
+    perturb(policy, scale=0.05, seed=6)
+    awm.after_step(1)  # off-policy: the ratio against the rollout policy is no longer 1
+    for g in grads(awm.loss(policy, batch)[0], policy.params):
+        assert g.abs().max().item() == 0.0
+
+
 def test_nft_optimality_probability():
     nft = DiffusionNFT(adv_clip_max=5.0)
     r = nft.optimality(torch.tensor([-10.0, -5.0, 0.0, 2.5, 5.0, 9.0]))

@@ -20,6 +20,9 @@ regression). On shapes-flow that collapses faster than the default, so the negat
 what destabilises AWM at high learning rates (README).
 On the first step after sampling the ratio is 1 and the
 gradient is -A grad log p_theta: advantage-weighted flow matching, pretraining's loss reweighted.
+Unlike DiffusionNFT's loss there is no proximal term towards p_old (a sample with A = 0 has no
+gradient), so only the ratio clip limits how far several steps per epoch move; one step per epoch
+(the official setting) is the stable choice.
 As in the official code, v_theta is guided when the model's guidance scale is > 1.
 For epsilon models the target is eps instead of the velocity (``policy.target``).
 """
