@@ -344,6 +344,9 @@ class Trainer:
         bar = tqdm(range(self.start_epoch, cfg.train.epochs), initial=self.start_epoch, total=cfg.train.epochs,
                    desc="epochs", disable=not acc.is_main_process)
         for epoch in bar:
+            # Evaluation runs on the main process only; without this barrier the others would count
+            # their wait for it as training time and the shared budget would end early.
+            acc.wait_for_everyone()
             started = time.time()
             rollout, advantages, stats = self.collect(epoch)
             stats.update(self.optimize(epoch, rollout, advantages))

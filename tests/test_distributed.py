@@ -28,3 +28,7 @@ def test_two_process_training_is_synchronised(tmp_path):
     # Different data, same parameters after the step: gradients were averaged across processes.
     assert r0["moved"] and r1["moved"]
     assert r0["params"] == r1["params"]
+    # Both processes spent the same training budget; the main process's evaluation was not counted.
+    b0, b1 = r0["budget"], r1["budget"]
+    assert b0["epochs"] == b1["epochs"]
+    assert b0["elapsed"] >= 3.0 and abs(b0["elapsed"] - b1["elapsed"]) < 1.0
