@@ -15,10 +15,10 @@ from finetune.config import load_config
 from finetune.trainer import Trainer
 
 model, out = sys.argv[1], sys.argv[2]
+TINY = [f"model.path={model}", "cpu=true", "reward=brightness", "model.num_steps=3", "sample.groups_per_epoch=2",
+        "sample.group_size=4", "sample.batch_size=8", "train.batch_size=4", "log.tensorboard=false"]
 cfg = load_config("configs/ddpo_shapes_sd.yaml", [
-    f"model.path={model}", f"output_dir={out}", "cpu=true", "reward=brightness", "model.num_steps=3",
-    "sample.groups_per_epoch=2", "sample.group_size=4", "sample.batch_size=8", "train.batch_size=4",
-    "eval.every=0", "log.tensorboard=false", "advantage.per_epoch=false", "train.lr=1e-2"])
+    *TINY, f"output_dir={out}", "eval.every=0", "advantage.per_epoch=false", "train.lr=1e-2"])
 trainer = Trainer(cfg)
 acc = trainer.accelerator
 before = {n: p.detach().clone() for n, p in trainer.trainable_state().items()}
@@ -37,9 +37,7 @@ with open(f"{out}/rank{acc.process_index}.json", "w") as f:
 # The training budget excludes evaluation on every process: the main process evaluates (here a 4 s
 # stand-in) while the others wait, and that wait must not count against the shared budget.
 cfg = load_config("configs/ddpo_shapes_sd.yaml", [
-    f"model.path={model}", f"output_dir={out}/budget", "cpu=true", "reward=brightness", "model.num_steps=3",
-    "sample.groups_per_epoch=2", "sample.group_size=4", "sample.batch_size=8", "train.batch_size=4",
-    "eval.every=1000", "log.tensorboard=false", "train.epochs=1000", "train.max_minutes=0.05",
+    *TINY, f"output_dir={out}/budget", "eval.every=1000", "train.epochs=1000", "train.max_minutes=0.05",
     "checkpoint.every=1000"])
 trainer = Trainer(cfg)
 trainer.evaluate = lambda epoch: (time.sleep(4), {"geneval_overall": 0.0})[1] if acc.is_main_process else {}
