@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from eval.layout import write_prompt
@@ -28,9 +29,10 @@ def latent_shape(pipe) -> tuple[int, int, int]:
     return denoiser.config.in_channels, size, size
 
 
-def initial_noise(pipe, seeds: list[int]) -> torch.Tensor:
-    shape = latent_shape(pipe)
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+def initial_noise(pipe, seeds: list[int], device=None) -> torch.Tensor:
+    """One seeded CPU generator per image, so an image's noise does not depend on its batch or device."""
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    return randn_tensor((len(seeds), *latent_shape(pipe)), generator=generators, device=device)
 
 
 def generate(pipe, records: list[dict], out: str | Path, images_per_prompt: int = 4, seed: int = 0,

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,7 @@ NMS_THRESHOLD = 1.0
 POSITION_THRESHOLD = 0.1
 GENEVAL_METADATA = Path(__file__).parent / "data" / "geneval" / "evaluation_metadata.jsonl"
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
+RELATIONS = ("left of", "right of", "above", "below")
 
 
 @dataclass
@@ -45,7 +48,12 @@ class Detection:
 
 
 class DetectorBackend(Protocol):
-    """What the scorer needs from a detector: raw detections and a colour classifier."""
+    """What the scorer needs from a detector: raw detections and a colour classifier.
+
+    Optional attributes :func:`score_folder` honours: ``classnames`` (the classes it can detect:
+    metadata asking for others is an error) and ``image_size`` (it works on square images of that
+    side: other square sizes are resized with a printed notice, non-square images are an error).
+    """
 
     name: str
 
@@ -170,6 +178,65 @@ def evaluate(detected: dict[str, list[Detection]], metadata: dict,
     return correct, "\n".join(reasons), clauses, graded
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _clause_problem(clause, index: int, kind: str) -> str | None:
+    """What is wrong with one include/exclude clause, or None."""
+    if not isinstance(clause, dict):
+        return "is not an object"
+    missing = [k for k in ("class", "count") if k not in clause]
+    if missing:
+        return f"lacks {' and '.join(json.dumps(k) for k in missing)}"
+    if not isinstance(clause["class"], str):
+        return "has a non-string \"class\""
+    if not _is_count(clause["count"]):
+        return "has a \"count\" that is not a whole number >= 1"
+    if kind == "include" and "color" in clause and clause["color"] not in COLORS:
+        return f"has \"color\" {clause['color']!r}, not one of GenEval's colours ({', '.join(COLORS)})"
+    if kind == "include" and "position" in clause:
+        pos = clause["position"]
+        if not (isinstance(pos, (list, tuple)) and len(pos) == 2 and pos[0] in RELATIONS
+                and isinstance(pos[1], int) and not isinstance(pos[1], bool) and 0 <= pos[1] < index):
+            return (f"has \"position\" {json.dumps(pos)}; it must be [relation, i] with relation one of "
+                    f"{', '.join(RELATIONS)} and i the index of an earlier include clause")
+    return None
+
+
+def check_metadata(metadata, where: str = "metadata") -> None:
+    """Raise ValueError, starting with ``where``, unless ``metadata`` is what GenEval's rules read.
+
+    That is an object with strings ``prompt`` and ``tag``, ``include`` a list of ``{"class", "count"}``
+    objects (``count`` >= 1; optional ``color`` among ``COLORS`` and ``position`` ``[relation, index of
+    an earlier clause]``) and optionally ``exclude``, a list of ``{"class", "count"}`` objects.
+    """
+    from eval.layout import EXAMPLE_METADATA
+
+    fix = f"GenEval metadata looks like {EXAMPLE_METADATA}"
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{where}: metadata is a {type(metadata).__name__}, not a JSON object; {fix}")
+    missing = [k for k in ("tag", "include", "prompt") if k not in metadata]
+    if missing:
+        raise ValueError(
+            f"{where}: metadata lacks {' and '.join(json.dumps(k) for k in missing)}; GenEval's rules need "
+            '"tag" (the task, e.g. "counting"), "include" (the objects asked for, a list of {"class": ..., '
+            '"count": ...} objects) and "prompt": ' + fix)
+    for key in ("tag", "prompt"):
+        if not isinstance(metadata[key], str):
+            raise ValueError(f"{where}: metadata \"{key}\" is {json.dumps(metadata[key])}, not a string; {fix}")
+    for kind in ("include", "exclude"):
+        clauses = metadata.get(kind, [])
+        if not isinstance(clauses, list):
+            raise ValueError(f"{where}: metadata \"{kind}\" is {json.dumps(clauses)}, not a list of "
+                             f'{{"class": ..., "count": ...}} objects; {fix}')
+        for i, clause in enumerate(clauses):
+            problem = _clause_problem(clause, i, kind)
+            if problem:
+                raise ValueError(f"{where}: metadata {kind}[{i}] ({json.dumps(clause)}) {problem}; each {kind} "
+                                 f'clause is an object like {{"class": "cat", "count": 2}}; {fix}')
+
+
 def evaluate_image(backend: DetectorBackend, image, metadata: dict, filename: str = "",
                    with_clauses: bool = False) -> dict:
     """One row of GenEval's results.jsonl for ``image`` generated from ``metadata``.
@@ -177,6 +244,7 @@ def evaluate_image(backend: DetectorBackend, image, metadata: dict, filename: st
     ``with_clauses`` adds the per-clause outcomes and the graded terms (not official columns) for
     partial-credit rewards.
     """
+    check_metadata(metadata, filename or "metadata")
     detected = select_detections(backend.detect(image), metadata["tag"])
     correct, reason, clauses, graded = evaluate(
         detected, metadata, lambda dets, cls: backend.classify_colors(image, dets, cls))
@@ -270,14 +338,79 @@ def get_backend(name: str) -> DetectorBackend:
     return getattr(importlib.import_module(module), attr)()
 
 
+def check_known_classes(backend: DetectorBackend, metadata: dict, where: str) -> None:
+    """Raise ValueError if ``metadata`` asks for classes ``backend.classnames`` lacks (such clauses
+    could never hold, so every image would silently score wrong)."""
+    known = getattr(backend, "classnames", None)
+    if known is None:
+        return
+    asked = [c["class"] for kind in ("include", "exclude") for c in metadata.get(kind, [])]
+    unknown = sorted(set(asked) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: metadata asks for {', '.join(map(repr, unknown))}, which the "
+                         f"{backend.name} detector cannot detect (its classes: {', '.join(known)}); score "
+                         "these images with a backend that knows them (--backend hf for GenEval's 80 classes)")
+
+
+def check_image_sizes(paths: list[Path], backend: DetectorBackend, folder: str | Path = "") -> Counter:
+    """Sizes the backend cannot take as they are: raise ValueError naming the first non-square image
+    if the backend works on square images (``image_size``); return a Counter of the square sizes it
+    will resize. Reads image headers only; unreadable files are errors naming them."""
+    from eval.layout import image_size
+
+    side = getattr(backend, "image_size", None)
+    if not side:
+        return Counter()
+    sizes = {path: image_size(path) for path in paths}
+    odd = [(path, size) for path, size in sizes.items() if size[0] != size[1]]
+    if odd:
+        path, (w, h) = odd[0]
+        more = f" ({len(odd) - 1} more non-square images in {folder})" if len(odd) > 1 else ""
+        raise ValueError(f"{path}: image is {w}x{h}, not square{more}; the {backend.name} detector works on "
+                         f"{side}x{side} images and will not squash a non-square one: crop or resize the images "
+                         f"to square (e.g. {side}x{side}) and score again")
+    return Counter(size for size in sizes.values() if size != (side, side))
+
+
+def resize_notice(resized: Counter, backend: DetectorBackend) -> str:
+    """"resizing 4 images from 128x128 to 64x64 for the shapes detector (...)"."""
+    side = backend.image_size
+    parts = " and ".join(f"{n} image{'s' if n != 1 else ''} from {w}x{h}" for (w, h), n in resized.items())
+    return (f"note: resizing {parts} to {side}x{side} for the {backend.name} detector, which works at "
+            f"{side}x{side} (box filter; boxes in the results stay in the images' own pixels)")
+
+
 def score_folder(images: str | Path, backend: DetectorBackend, progress: bool = True) -> list[dict]:
-    """Score every sample of a GenEval-layout folder; rows in folder order."""
+    """Score every sample of a GenEval-layout folder; rows in folder order.
+
+    Everything is checked before scoring starts: the layout, each folder's metadata (GenEval's keys,
+    classes the backend knows) and the image files and sizes; a problem is a ValueError (or
+    FileNotFoundError) starting with the offending path. Resizing for the backend is announced once
+    on stderr.
+    """
     from tqdm.auto import tqdm
 
     from eval.layout import iter_images, load_image
 
+    def check(metadata: dict, meta_file: Path) -> None:
+        check_metadata(metadata, str(meta_file))
+        check_known_classes(backend, metadata, str(meta_file))
+
+    items = list(iter_images(images, check=check))
+    if hasattr(backend, "check_classes"):  # e.g. the hf backend: which classes its checkpoint's labels map to
+        try:
+            backend.check_classes({c["class"] for _, m, _ in items for kind in ("include", "exclude")
+                                   for c in m.get(kind, [])})
+        except ValueError as err:
+            raise ValueError(f"{images}: {err}") from None
+    resized = check_image_sizes([path for _, _, path in items], backend, images)
+    if resized:
+        print(resize_notice(resized, backend), file=sys.stderr)
+        noted = getattr(backend, "noted_sizes", None)
+        if noted is not None:  # the backend need not announce these sizes again
+            noted.update(resized)
     rows = []
-    for filename, metadata, path in tqdm(list(iter_images(images)), desc="scoring", disable=not progress):
+    for filename, metadata, path in tqdm(items, desc="scoring", disable=not progress):
         rows.append(evaluate_image(backend, load_image(path), metadata, filename))
     return rows
 

@@ -189,7 +189,7 @@ def cmd_rewards_score(args) -> None:
     import numpy as np
     import torch
 
-    from eval.layout import iter_images, load_image
+    from eval.layout import describe_sizes, image_size, iter_images, load_image
     from rewards.base import build_reward
 
     rows = []  # (path, prompt, metadata); folders carry their own prompts
@@ -197,12 +197,19 @@ def cmd_rewards_score(args) -> None:
     prompts = list(args.prompts or [])
     if loose and len(prompts) not in (1, len(loose)):
         raise ValueError(f"--prompts: give one prompt for all {len(loose)} image files or one per file")
+    k = 0  # index of the next loose file
     for source in args.images:
         if Path(source).is_dir():
             rows += [(path, meta["prompt"], meta) for _, meta, path in iter_images(source)]
         else:
-            k = loose.index(Path(source))
             rows.append((Path(source), prompts[k if len(prompts) > 1 else 0], {}))
+            k += 1
+    # The reward scores one batch: check every file and size (headers only) before building it.
+    sizes = {path: image_size(path) for path, _, _ in rows}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"--images have different sizes: {describe_sizes(sizes)}; a reward scores its images "
+                         "as one batch of one size: score each size separately (one `diffrl rewards score` "
+                         "per size) or resize the images to one size first")
     reward = build_reward(args.reward)
     pixels = torch.stack([torch.from_numpy(np.asarray(load_image(p), dtype=np.float32) / 255).permute(2, 0, 1)
                           for p, _, _ in rows])
@@ -223,7 +230,8 @@ def cmd_reward_serve(args) -> None:
             spec = OmegaConf.to_container(OmegaConf.create(spec), resolve=True)
         except Exception as err:  # YAML and OmegaConf errors are not ValueErrors
             raise ValueError(f"--reward {args.reward!r} is not a YAML mapping: {err}") from None
-    serve(spec, host=args.host, port=args.port)
+    limits = {"max_request_mb": args.max_request_mb, "max_workers": args.workers, "read_timeout": args.read_timeout}
+    serve(spec, host=args.host, port=args.port, **{k: v for k, v in limits.items() if v is not None})
 
 
 def add_sampling_args(p) -> None:
@@ -310,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--host", default="127.0.0.1", help="127.0.0.1: this machine only; 0.0.0.0 exposes the "
                        "unauthenticated server to the network")
         p.add_argument("--port", type=int, default=8765, help="0 picks a free port (default 8765)")
+        # Defaults live in rewards/remote.py (importing it here would load torch for every command).
+        p.add_argument("--max-request-mb", type=float, help="largest request body accepted (default 96 MiB)")
+        p.add_argument("--workers", type=int, help="connections handled at once; more get HTTP 503 (default 8)")
+        p.add_argument("--read-timeout", type=float, help="seconds a client may stall a read (default 30)")
         p.set_defaults(func=cmd_reward_serve)
 
     lora = sub.add_parser("lora", help="LoRA utilities").add_subparsers(dest="lora_command", required=True)

@@ -8,6 +8,8 @@ to DiffusionNFT), so the new component starts from its own defaults plus what th
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -50,4 +52,51 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> DictCon
     except Exception as err:  # omegaconf raises several grammar errors
         raise ValueError(f"bad override in {overrides}: {err}") from None
     OmegaConf.set_struct(merged, False)
+    check_keys(merged)
     return merged
+
+
+def leaf_keys(tree, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            keys += leaf_keys(value, f"{prefix}{key}.") or [f"{prefix}{key}"]
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"did you mean `{close[0]}`? " if close else ""
+
+
+def check_keys(cfg: DictConfig) -> None:
+    """Reject keys that ``configs/base.yaml`` does not define, naming the closest valid one.
+
+    ``objective`` and ``reward`` hold the named component's own options; their builders check
+    those against the component's signature (``check_options``).
+    """
+    valid = set(leaf_keys(OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "base.yaml"))))
+    given = OmegaConf.to_container(cfg)
+    for key in leaf_keys({k: v for k, v in given.items() if k not in SWITCHABLE}):
+        # A key that holds a whole section (``log: null``) is a prefix of valid keys: accepted.
+        if key in valid or any(v.startswith(key + ".") for v in valid):
+            continue
+        raise ValueError(f"unknown config key `{key}`; {did_you_mean(key, valid)}"
+                         "the valid keys and their defaults are in configs/base.yaml")
+
+
+def check_options(field: str, name: str, factory, options: dict) -> None:
+    """Options for a named component (``objective.*``, ``reward.*``) must be arguments of its constructor."""
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+        return
+    accepted = [n for n in parameters if n != "self"]
+    for option in options:
+        if option not in accepted:
+            raise ValueError(f"unknown option `{field}.{option}` for {field} {name!r}; "
+                             f"{did_you_mean(option, accepted)}its options are: {', '.join(accepted) or 'none'}")

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
-from diffusers.training_utils import EMAModel
+from diffusers.training_utils import EMAModel, cast_training_params
+from diffusers.utils.torch_utils import randn_tensor
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
@@ -30,18 +31,15 @@ from finetune.models import load_policy
 from finetune.models.base import select
 from finetune.models.hub import save_pipeline
 from finetune.objectives import build_objective
+from finetune.preflight import mixed_precision, preflight
 from finetune.rollout import Rollout, sample
-from rewards.base import build_reward, check_finite
+from rewards.base import check_finite
 
 
-def load_prompts(source: str) -> list[dict]:
-    """``shapes:train`` / ``shapes:eval`` or a GenEval-style metadata jsonl."""
-    from eval.run import load_records
-
-    try:
-        return load_records(source)
-    except (ValueError, FileNotFoundError) as err:
-        raise type(err)(f"config field `prompts`: {err}") from None
+def weight_dtype(dtype: str | None, mixed_precision: str) -> torch.dtype:
+    """``model.dtype``, or by default the dtype of accelerate's mixed precision (fp32 without it)."""
+    name = dtype or {"bf16": "bf16", "fp16": "fp16"}.get(mixed_precision, "fp32")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def epoch_generator(seed: int, epoch: int, rank: int, purpose: int) -> torch.Generator:
@@ -61,37 +59,44 @@ class Trainer:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
-        trackers = [name for name in ("tensorboard", "wandb") if cfg.log.get(name)]
-        self.accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.train.mixed_precision,
-                                       log_with=trackers or None, project_dir=str(self.out))
-        set_seed(cfg.seed)  # LoRA initialisation draws from the global generator
-        m = cfg.model
-        self.policy = load_policy(m.path, m.guidance_scale, m.num_steps, m.noise)
-        if m.get("sde_type"):
-            if self.policy.family != "flow":
-                raise ValueError(f"model.sde_type={m.sde_type!r} applies to flow models; {m.path} is an "
-                                 f"epsilon model (its DDIM step is set by model.noise, the eta)")
-            self.policy.sde_type = m.sde_type
-        self.policy.pipe.to(self.accelerator.device)
-        o = dict(cfg.objective)
-        self.objective = build_objective(o.pop("name"), self.policy.family, **o)
-        spec = cfg.reward if isinstance(cfg.reward, str) else OmegaConf.to_container(cfg.reward, resolve=True)
-        self.reward = build_reward(spec)
-        self.train_prompts = load_prompts(cfg.prompts.train)
+        checked = preflight(cfg)  # keys, values, prompts, reward, objective, paths: before the model loads
+        self.train_prompts, self.eval_prompts = checked.train_prompts, checked.eval_prompts
+        self.reward, self.objective = checked.reward, checked.objective
         self.prompts_by_tag: dict[str, list[dict]] = {}
         for record in self.train_prompts:
             self.prompts_by_tag.setdefault(record.get("tag", "untagged"), []).append(record)
         self.evaluates = bool(cfg.eval.every or cfg.eval.get("every_minutes"))
-        self.eval_prompts = load_prompts(cfg.prompts.eval) if self.evaluates else []
+        trackers = [name for name in ("tensorboard", "wandb") if cfg.log.get(name)]
+        # mixed_precision null defers to `accelerate launch`'s config (its bf16 / fp16 setting).
+        self.accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=mixed_precision(cfg),
+                                       log_with=trackers or None, project_dir=str(self.out))
+        set_seed(cfg.seed)  # LoRA initialisation draws from the global generator
+        m = cfg.model
+        # Frozen parts (VAE, text encoders, a LoRA's base weights, reference copies) run in the training
+        # dtype, as in diffusers' training scripts; what is trained stays fp32 (master weights).
+        self.weight_dtype = weight_dtype(m.get("dtype"), self.accelerator.mixed_precision)
+        self.policy = load_policy(m.path, m.guidance_scale, m.num_steps, m.noise, torch_dtype=self.weight_dtype)
+        if checked.family is None:  # a hub id that had to be downloaded: its family is known only now
+            options = dict(cfg.objective)
+            self.objective = build_objective(options.pop("name"), self.policy.family, **options)
+        if m.get("sde_type"):
+            if self.policy.family != "flow":
+                raise ValueError(f"model.sde_type={m.sde_type!r} applies to flow models; {m.path} is not one")
+            self.policy.sde_type = m.sde_type
+        self.policy.pipe.to(self.accelerator.device)
         if cfg.lora.enabled:
             self.policy.add_lora(cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules)
+            cast_training_params(self.policy.denoiser, torch.float32)
         else:
+            if self.policy.denoiser.dtype != torch.float32:
+                self.policy.denoiser.to(torch.float32)
             self.policy.denoiser.requires_grad_(True)
         if getattr(self.objective, "kl_beta", 0) > 0:
-            self.policy.freeze_reference()
+            self.policy.freeze_reference(self.weight_dtype)
         self.params = self.policy.trainable_parameters()
         self.objective.setup(self.policy, self.params)
         self.global_step = 0  # optimizer steps so far
+        self.skipped_steps = self.nonfinite_in_a_row = 0  # optimizer steps skipped for NaN/inf loss or gradients
         optimizer = torch.optim.AdamW(self.params, lr=cfg.train.lr, betas=(0.9, 0.999),
                                       weight_decay=cfg.train.weight_decay, eps=1e-8)
         self.net, self.optimizer = self.accelerator.prepare(self.policy.denoiser, optimizer)
@@ -108,21 +113,45 @@ class Trainer:
 
     def save(self, epoch: int) -> None:
         if self.accelerator.is_main_process:
-            state = {"tracker": self.tracker.state_dict(), "history": self.history, "global_step": self.global_step}
+            state = {"tracker": self.tracker.state_dict(), "history": self.history, "global_step": self.global_step,
+                     "skipped_steps": self.skipped_steps, "trained": self.fingerprint()}
             tensors = self.trainable_state()
             if self.ema is not None:
                 state["ema_step"] = self.ema.optimization_step
                 tensors.update({f"ema/{name}": shadow for name, shadow in zip(list(tensors), self.ema.shadow_params)})
             tensors.update({f"objective/{k}": v for k, v in self.objective.state_dict().items()})
             checkpoint.save(self.out / "checkpoints", epoch, tensors, self.optimizer, state,
-                            keep=self.cfg.checkpoint.keep)
+                            keep=self.cfg.checkpoint.keep, scaler=self.accelerator.scaler)
         self.accelerator.wait_for_everyone()
+
+    def fingerprint(self) -> dict:
+        """What a checkpoint's weights belong to; resuming under a different answer is refused."""
+        c = self.cfg
+        return {"model.path": str(c.model.path), "objective.name": c.objective.name, "lora.enabled": c.lora.enabled,
+                "lora.rank": c.lora.rank if c.lora.enabled else None,
+                "lora.alpha": c.lora.alpha if c.lora.enabled else None,
+                "lora.target_modules": list(c.lora.target_modules or []) if c.lora.enabled else None,
+                "train.ema_decay": bool(c.train.ema_decay)}
+
+    def check_resumable(self, folder: Path, state: dict, params: dict) -> None:
+        saved, now = state.get("trained", {}), self.fingerprint()
+        changed = [f"{k}: {saved[k]!r} in the checkpoint, {now[k]!r} now" for k in now if k in saved and saved[k] != now[k]]
+        mine = {n: tuple(p.shape) for n, p in self.trainable_state().items()}
+        theirs = {n: tuple(p.shape) for n, p in params.items() if "/" not in n}
+        if not changed and mine != theirs:
+            changed = [f"trainable weights: {len(theirs)} tensors in the checkpoint, {len(mine)} now"
+                       + next((f" (first difference: {n})" for n in sorted(set(mine) ^ set(theirs))), "")]
+        if changed:
+            raise ValueError(f"cannot resume from {folder}: {'; '.join(changed)}. Resume with the settings the run "
+                             "started with, or train into a new output_dir")
 
     def maybe_resume(self) -> None:
         folder = checkpoint.latest(self.out / "checkpoints") if self.cfg.resume else None
         if folder is None:
             return
-        params, state = checkpoint.load(folder, self.optimizer)
+        params, state = checkpoint.load(folder)
+        self.check_resumable(folder, state, params)
+        checkpoint.load_optimizer(folder, self.optimizer, self.accelerator.scaler)
         current = self.trainable_state()
         with torch.no_grad():
             for name, value in current.items():
@@ -131,6 +160,7 @@ class Trainer:
         self.objective.load_state_dict({k[len("objective/"):]: v for k, v in params.items()
                                         if k.startswith("objective/")})
         self.global_step = state.get("global_step", 0)
+        self.skipped_steps = state.get("skipped_steps", 0)
         if self.ema is not None:
             self.ema.optimization_step = state["ema_step"]
             self.ema.shadow_params = [params[f"ema/{name}"].to(self.accelerator.device) for name in current]
@@ -151,16 +181,16 @@ class Trainer:
         if s.get("shared_noise"):
             # DanceGRPO's shared initial noise: a group differs only by the sampler's own noise, so
             # its reward spread (the advantage) measures the policy's actions, not the luck of x_T.
-            group_noise = torch.randn((len(groups), *self.policy.latent_shape()),
-                                      generator=epoch_generator(self.cfg.seed, epoch, acc.process_index, 3))
+            group_noise = randn_tensor((len(groups), *self.policy.latent_shape()),
+                                       generator=epoch_generator(self.cfg.seed, epoch, acc.process_index, 3))
             shared = group_noise.repeat_interleave(s.group_size, 0)
         for i in range(0, len(records), s.batch_size):
             chunk = records[i:i + s.batch_size]
             if s.get("shared_noise"):
                 noise = shared[i:i + s.batch_size].to(acc.device)
             else:
-                noise = torch.randn((len(chunk), *self.policy.latent_shape()), generator=gen).to(acc.device)
-            with self.objective.rollout_context(self.policy):
+                noise = randn_tensor((len(chunk), *self.policy.latent_shape()), generator=gen, device=acc.device)
+            with self.objective.rollout_context(self.policy), acc.autocast():
                 ro = sample(self.policy, [r["prompt"] for r in chunk], noise, chunk,
                             trajectory="trajectory" in self.objective.needs, generator=gen,
                             stochastic=not self.objective.deterministic_rollouts, window=self.sde_window(gen))
@@ -210,31 +240,59 @@ class Trainer:
 
     def optimize(self, epoch: int, rollout: Rollout, advantages: torch.Tensor) -> dict:
         """Inner epochs of minibatches; gradients accumulate over each minibatch's training times."""
+        acc = self.accelerator
         self.policy.net = self.net
         self.objective.start_epoch()
+        # Each epoch starts a fresh accumulation: nothing left over from the last epoch (or from
+        # before a resume) may leak into its first optimizer step.
+        self.optimizer.zero_grad()
+        acc.step = 0
         logs: dict[str, list[float]] = {}
         if "trajectory" in self.objective.needs:
             batches = self.sampler_step_batches(epoch, rollout, advantages)
         else:
             batches = self.forward_process_batches(epoch, rollout, advantages)
         for batch in batches:
-            with self.accelerator.accumulate(self.net):
+            with acc.accumulate(self.net), acc.autocast():
                 loss, info = self.objective.loss(self.policy, batch)
-                self.accelerator.backward(loss)
-                if self.accelerator.sync_gradients:
-                    self.accelerator.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad()
-                if self.accelerator.sync_gradients:
-                    self.global_step += 1
-                    self.objective.after_step(self.global_step)
-                    if self.ema is not None:
-                        self.ema.step(self.params)
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    self.optimizer_step(loss)
             for key, value in info.items():
                 logs.setdefault(key, []).append(float(value))
         self.objective.end_epoch(self.global_step)
         self.policy.net = self.policy.denoiser
-        return {k: float(np.mean(v)) for k, v in logs.items()}
+        return {**{k: float(np.mean(v)) for k, v in logs.items()}, "skipped_steps": float(self.skipped_steps)}
+
+    def optimizer_step(self, loss: torch.Tensor) -> None:
+        """Clip and step, unless the loss or gradients are NaN/inf: then skip and count the step.
+
+        The gradient norm is taken after DDP's all-reduce, so every process skips the same steps.
+        Under fp16 the grad scaler makes this decision (its overflows are expected); either way
+        ``train.max_nonfinite_steps`` skips in a row abort the run with the last good checkpoint kept.
+        """
+        acc = self.accelerator
+        norm = acc.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm or float("inf"))
+        finite = bool(torch.isfinite(torch.as_tensor(norm)))
+        if finite or acc.scaler is not None:
+            self.optimizer.step()
+        self.optimizer.zero_grad()
+        if finite if acc.scaler is None else not acc.optimizer_step_was_skipped:
+            self.nonfinite_in_a_row = 0
+            self.global_step += 1
+            self.objective.after_step(self.global_step)
+            if self.ema is not None:
+                self.ema.step(self.params)
+            return
+        self.skipped_steps += 1
+        self.nonfinite_in_a_row += 1
+        limit = self.cfg.train.max_nonfinite_steps
+        if self.nonfinite_in_a_row >= limit:
+            last = checkpoint.latest(self.out / "checkpoints")
+            raise FloatingPointError(
+                f"{limit} optimizer steps in a row had a non-finite loss or gradient (loss {float(loss.detach()):.4g}, "
+                f"gradient norm {float(norm):.4g}); stopped. Lower train.lr, check the reward and the model's "
+                f"dtype, or raise train.max_nonfinite_steps. Last good checkpoint: {last or 'none yet'}")
 
     def sampler_step_batches(self, epoch: int, rollout: Rollout, advantages: torch.Tensor):
         """(sample, recorded step) minibatches: DDPO's random timestep subset per sample."""
@@ -258,9 +316,7 @@ class Trainer:
         acc.gradient_accumulation_steps = n_train * t_cfg.gradient_accumulation_steps
         for _ in range(t_cfg.inner_epochs):
             order = torch.randperm(n, generator=gen)
-            # Each sample trains on its own random subset/order of its stochastic steps (DDPO).
-            steps = torch.stack([torch.nonzero(random_steps[i]).flatten()[torch.randperm(int(counts[i]), generator=gen)]
-                                 for i in range(n)])[:, :n_train]
+            steps = self.objective.train_steps(random_steps, n_train, gen)  # (n, n_train) step indices
             for start in range(0, n, t_cfg.batch_size):
                 idx = order[start:start + t_cfg.batch_size]
                 for j in range(n_train):
@@ -279,7 +335,7 @@ class Trainer:
                 acc.gradient_accumulation_steps = len(times) * t_cfg.gradient_accumulation_steps
                 x0 = rollout.final[idx]
                 for t in times:
-                    yield {"x0": x0, "eps": torch.randn(x0.shape, generator=gen).to(x0.device),
+                    yield {"x0": x0, "eps": randn_tensor(x0.shape, generator=gen, device=x0.device),
                            "t": t.to(x0.device), "advantages": advantages[idx], "cond": select(rollout.cond, idx)}
 
     # -- evaluation ---------------------------------------------------------------------------
@@ -320,7 +376,8 @@ class Trainer:
         for start in range(0, len(jobs), self.cfg.sample.batch_size * 2):
             chunk = jobs[start:start + self.cfg.sample.batch_size * 2]
             noise = self.policy.initial_noise([image_seed(e.seed, i, j) for i, j in chunk])
-            ro = sample(self.policy, [self.eval_prompts[i]["prompt"] for i, _ in chunk], noise, stochastic=False)
+            with self.accelerator.autocast():
+                ro = sample(self.policy, [self.eval_prompts[i]["prompt"] for i, _ in chunk], noise, stochastic=False)
             for (i, j), image in zip(chunk, to_pil(ro.images)):
                 rows.append(geneval.evaluate_image(backend, image, self.eval_prompts[i], f"{i:05d}/samples/{j:04d}.png"))
                 images.setdefault(i, []).append(image)

@@ -73,6 +73,9 @@ def build_reward(spec) -> Reward:
         if factory is None:
             available = sorted(set(REGISTRY) | set(entry_point_names()))
             raise ValueError(f"unknown reward {name!r} (config field `reward`); available: {', '.join(available)}")
+    from finetune.config import check_options
+
+    check_options("reward", name, factory, spec)
     return factory(**spec)
 
 

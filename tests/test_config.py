@@ -29,3 +29,18 @@ def test_switched_objective_builds(tmp_path):
     options = dict(cfg.objective)
     objective = build_objective(options.pop("name"), "sd", **options)
     assert type(objective).__name__ == "DiffusionNFT" and objective.beta == 1.0
+
+
+def test_unknown_keys_are_rejected_with_the_closest_valid_one():
+    import pytest
+
+    with pytest.raises(ValueError, match=r"unknown config key `train.lrr`; did you mean `train.lr`\?"):
+        load_config(RECIPE, ["train.lrr=1e-3"])
+    with pytest.raises(ValueError, match=r"unknown config key `sample.grop_size`; did you mean `sample.group_size`\?"):
+        load_config(RECIPE, ["sample.grop_size=8"])
+    with pytest.raises(ValueError, match=r"unknown config key `trian.lr`"):
+        load_config(RECIPE, ["trian.lr=1e-3"])
+    import glob
+
+    for recipe in glob.glob("configs/**/*.yaml", recursive=True):  # every shipped recipe is valid
+        load_config(recipe)

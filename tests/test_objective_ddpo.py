@@ -95,3 +95,19 @@ def test_objective_registry_errors():
         build_objective("ppo", "sd")
     with pytest.raises(ValueError, match="needs a flow model.*sd model"):
         build_objective("flow_grpo", "sd")
+
+
+def test_timestep_fraction_random_subset_for_ddpo_first_steps_for_flow_grpo():
+    """DDPO trains each sample on its own random k of its stochastic steps; Flow-GRPO, like its
+    reference code, on the first k in sampler order (0.99 of 10 steps drops only the last one)."""
+    all_steps = torch.ones(64, 10, dtype=torch.bool)
+    gen = torch.Generator().manual_seed(0)
+    ddpo = build_objective("ddpo", "sd").train_steps(all_steps, 9, gen)
+    assert ddpo.shape == (64, 9)
+    assert all(len(set(row.tolist())) == 9 for row in ddpo)
+    assert (ddpo == 9).any() and len({tuple(row.tolist()) for row in ddpo}) > 1  # the last step is sometimes in
+    flow = build_objective("flow_grpo", "flow").train_steps(all_steps, int(10 * 0.99), gen)
+    assert flow.tolist() == [list(range(9))] * 64
+    window = torch.zeros(4, 10, dtype=torch.bool)
+    window[:, 2:6] = True  # Flow-GRPO-Fast: only the window's steps are stochastic
+    assert build_objective("flow_grpo", "flow").train_steps(window, 3, gen).tolist() == [[2, 3, 4]] * 4

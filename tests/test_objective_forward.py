@@ -172,11 +172,11 @@ def test_nft_pulls_average_samples_back_to_the_old_policy_awm_does_not():
     for p, g in zip(policy.params, grads(nft.loss(policy, batch)[0], policy.params)):
         p.data -= 1e-3 * g
     assert distance_to_old().item() < before
-    awm = awm_with(policy, weighting="uniform", clip_range=0.2)
+    awm = awm_with(policy, weighting="uniform", clip_range=0.2, ema_beta=0.0)
     perturb(policy, scale=0.05, seed=6)
     awm.after_step(1)  # off-policy: the ratio against the rollout policy is no longer 1
     for g in grads(awm.loss(policy, batch)[0], policy.params):
-        assert g.abs().max().item() == 0.0
+        assert g.abs().max().item() == 0.0  # without its proximal EMA term AWM has no such pull
 
 
 def test_nft_optimality_probability():
@@ -232,6 +232,7 @@ def test_nft_end_epoch_moves_the_old_policy_by_the_schedule():
 # -- AWM ----------------------------------------------------------------------------------------
 
 def awm_with(policy, **kw):
+    kw.setdefault("ema_beta", 0.0)  # the policy term alone; the proximal EMA term has its own tests
     awm = AWM(kl_beta=0.0, **kw)
     awm.setup(policy, policy.params)
     awm.start_epoch()
@@ -340,3 +341,48 @@ def test_policy_forward_process_is_consistent(family):
     first = policy.noised(x0, eps, policy.time_grid()[:1].expand(4))
     assert (first - eps).abs().mean() < 0.2 * (first - x0).abs().mean()
     assert (policy.model_time(t) - policy.timesteps().float()[[1, 3, 6, 9]]).abs().max() < 1e-3
+
+
+def test_awm_proximal_ema_term_and_gradient_match_the_written_out_formula():
+    """L = policy term + ema_beta * mean (v_theta - v_ema)^2, v_ema from the lagging copy, no gradient through it."""
+    policy = LinearFlow()
+    batch = {**data(), "advantages": torch.zeros(SHAPE[0])}  # no policy gradient: the proximal term alone
+    awm = awm_with(policy, weighting="uniform", ema_beta=0.7)
+    ema_W, ema_b = policy.W.detach().clone(), policy.b.detach().clone()
+    perturb(policy, scale=0.05)
+    loss, info = awm.loss(policy, batch)
+    x0, eps, t = batch["x0"], batch["eps"], batch["t"]
+    x_t = (1 - t.reshape(-1, 1, 1, 1)) * x0 + t.reshape(-1, 1, 1, 1) * eps
+    flat, tt = x_t.flatten(1), t.reshape(-1, 1)
+    diff = (flat @ policy.W.T + policy.b * tt) - (flat @ ema_W.T + ema_b * tt)  # (n, d)
+    assert info["ema_kl"].item() == pytest.approx((diff ** 2).mean().item(), rel=1e-6)
+    assert loss.item() == pytest.approx(0.7 * (diff ** 2).mean().item(), rel=1e-6)
+    # d/dW mean(diff^2) = 2 diff^T x / (n d), d/db = 2 sum_i diff_i t_i / (n d): written out by hand.
+    n, d = diff.shape
+    want_W, want_b = 0.7 * 2 * diff.T @ flat / (n * d), 0.7 * 2 * (diff * tt).sum(0) / (n * d)
+    got_W, got_b = grads(loss, policy.params)
+    assert torch.allclose(got_W, want_W, rtol=1e-4, atol=1e-7) and torch.allclose(got_b, want_b, rtol=1e-4, atol=1e-7)
+    # A gradient step shrinks the distance to the EMA: the term is proximal.
+    with torch.no_grad():
+        policy.W -= 0.5 * got_W
+        policy.b -= 0.5 * got_b
+    assert awm.loss(policy, batch)[1]["ema_kl"].item() < info["ema_kl"].item()
+
+
+def test_awm_ema_follows_the_official_linear_schedule():
+    policy = LinearFlow()
+    awm = awm_with(policy, ema_beta=1.0)
+    assert [awm.ema_decay(s) for s in (0, 1, 100, 300, 10_000)] == pytest.approx([0.0, 0.001, 0.1, 0.3, 0.3])
+    start = policy.W.detach().clone()
+    perturb(policy)
+    awm.end_epoch(global_step=200)  # d = 0.2
+    assert torch.allclose(awm.ema.values[0], 0.2 * start + 0.8 * policy.W.detach(), atol=1e-6)
+    awm.end_epoch(global_step=0)  # d = 0: the copy is the policy itself, so the term is zero at theta
+    assert torch.equal(awm.ema.values[0], policy.W.detach())
+    assert AWM(kl_ema_decay_type="constant", kl_ema_decay=0.9).ema_decay(5) == 0.9
+    state = awm.state_dict()
+    other = awm_with(LinearFlow(seed=3), ema_beta=1.0)
+    other.load_state_dict(state)
+    assert torch.equal(other.ema.values[0], awm.ema.values[0])
+    with pytest.raises(ValueError, match="objective.kl_ema_decay_type"):
+        AWM(kl_ema_decay_type="cosine")

@@ -49,7 +49,7 @@ def test_resume_ends_with_the_same_parameters(models, tmp_path, family, extra):
     for name, value in full.objective.state_dict().items():  # e.g. NFT's old policy
         assert torch.equal(value, resumed.objective.state_dict()[name]), name
     # The parameters moved at all (otherwise equality would prove nothing).
-    fresh = run(models, family, tmp_path / "zero", "train.epochs=0")
+    fresh = run(models, family, tmp_path / "zero", "train.epochs=0", *extra)
     assert any(not torch.equal(a[n], fresh.trainable_state()[n]) for n in a)
 
 
@@ -111,7 +111,7 @@ def test_bad_input_errors(models, tmp_path):
     ("sd", ["lora.enabled=false", "train.lr=3e-3", "model.noise=0.5", "objective.clip_range=0.2", "train.epochs=24"]),
     ("flow", ["objective.kl_beta=0.0", "objective.clip_range=0.2", "lora.enabled=false", "train.lr=3e-3", "train.epochs=24"]),
     ("nft", ["train.gradient_accumulation_steps=1", "lora.enabled=false", "train.lr=3e-3", "train.epochs=24"]),
-    ("awm", ["train.gradient_accumulation_steps=1", "lora.enabled=false", "train.lr=3e-3", "train.epochs=24"]),
+    ("awm", ["train.gradient_accumulation_steps=2", "lora.enabled=false", "train.lr=3e-3", "train.epochs=24"]),
 ])
 def test_brightness_reward_rises(tmp_path, family, extra):
     """A short real run on a tiny random denoiser (on a trained VAE): the pixel reward must go up."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import random
+import sys
 
 import numpy as np
 from PIL import Image
@@ -113,12 +114,24 @@ class ShapesDetector:
 
     name = "shapes"
     classnames = CLASSES
+    image_size = SIZE  # it detects at 64x64: square images of other sizes are resized, others refused
+
+    def __init__(self):
+        self.noted_sizes: set[tuple[int, int]] = set()  # sizes whose resizing has been announced
 
     def detect(self, image: Image.Image) -> dict[str, list[Detection]]:
         image = image.convert("RGB")
         scale = 1.0
+        width, height = image.size
+        if width != height:
+            raise ValueError(f"a {width}x{height} image: the shapes detector works on {SIZE}x{SIZE} images and will "
+                             f"not squash a non-square one; crop or resize the images to square first")
         if image.size != (SIZE, SIZE):
-            scale = image.size[0] / SIZE
+            if image.size not in self.noted_sizes:
+                self.noted_sizes.add(image.size)
+                print(f"note: resizing {width}x{height} images to {SIZE}x{SIZE} for the shapes detector, which works "
+                      f"at {SIZE}x{SIZE} (box filter; boxes stay in the images' own pixels)", file=sys.stderr)
+            scale = width / SIZE
             image = image.resize((SIZE, SIZE), Image.Resampling.BOX)
         rgb = np.asarray(image, dtype=np.float32)
         labels = nearest_color(rgb)

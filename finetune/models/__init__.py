@@ -16,6 +16,41 @@ def load_policy(model: str, guidance_scale: float = 4.0, num_steps: int = 20, no
     return wrap_pipeline(load_pipeline(model, torch_dtype=torch_dtype), guidance_scale, num_steps, noise)
 
 
+def peek_family(model: str) -> str | None:
+    """The model's family from its ``model_index.json``, read before anything loads.
+
+    A missing local path raises at once (``resolve``). A hub id is looked up in the local Hugging
+    Face cache; offline (``HF_HUB_OFFLINE=1``) one that is not there is an error now rather than after
+    the hub's retries. None when the answer needs a download.
+    """
+    import json
+    import os
+    from pathlib import Path
+
+    from finetune.models.hub import resolve
+
+    location = resolve(model)
+    index = Path(location) / "model_index.json"
+    if Path(location).is_dir():
+        if not index.is_file():
+            raise FileNotFoundError(f"model.path {model!r}: {location} has no model_index.json; "
+                                    "pass a diffusers pipeline folder (save_pretrained writes one)")
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(location, "model_index.json")
+        if not isinstance(cached, str):
+            if os.environ.get("HF_HUB_OFFLINE") == "1":
+                raise FileNotFoundError(f"model.path {model!r} is not a local folder and not in the Hugging Face "
+                                        "cache, and HF_HUB_OFFLINE=1: download it first or pass a local folder")
+            return None
+        index = Path(cached)
+    name = json.loads(index.read_text()).get("_class_name")
+    if name not in FAMILIES:
+        raise ValueError(f"model.path {model!r} is a {name}; supported pipelines: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
 def wrap_pipeline(pipe, guidance_scale: float = 4.0, num_steps: int = 20, noise: float | None = None) -> Policy:
     from finetune.models.flow import FlowPolicy
     from finetune.models.sd import SDPolicy

@@ -117,7 +117,7 @@ class Policy:
         """Per-image seeded noise, the same as ``diffrl sample`` draws for those seeds."""
         from eval.generate import initial_noise
 
-        return initial_noise(self.pipe, seeds).to(self.device)
+        return initial_noise(self.pipe, seeds, self.device)
 
     def guided(self, out: torch.Tensor) -> torch.Tensor:
         uncond, cond = out.chunk(2)
@@ -135,12 +135,12 @@ class Policy:
     def has_lora(self) -> bool:
         return bool(getattr(self.denoiser, "peft_config", None))
 
-    def freeze_reference(self) -> None:
-        """Keep the reference policy for KL terms: LoRA-disabled weights, or a frozen copy."""
+    def freeze_reference(self, dtype: torch.dtype | None = None) -> None:
+        """Keep the reference policy for KL terms: LoRA-disabled weights, or a frozen copy (in ``dtype``)."""
         if not self.has_lora:
             import copy
 
-            self._frozen_reference = copy.deepcopy(self.denoiser).requires_grad_(False)
+            self._frozen_reference = copy.deepcopy(self.denoiser).requires_grad_(False).to(dtype)
 
     @contextlib.contextmanager
     def reference(self):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from finetune.models.base import Policy, Step
 from finetune.models.hub import call_kwargs
@@ -69,7 +70,7 @@ def sde_step_with_logprob(scheduler, model_output: torch.Tensor, timestep, sampl
         return prev_sample_mean, torch.zeros(sample.shape[0], device=sample.device), prev_sample_mean, std_dev_t
     step_std = std_dev_t * torch.sqrt(-dt)
     if prev_sample is None:
-        noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
         prev_sample = prev_sample_mean + step_std * noise
     log_prob = gaussian_log_prob(prev_sample.detach().float(), prev_sample_mean, step_std)
     return prev_sample, log_prob, prev_sample_mean, std_dev_t
@@ -92,7 +93,7 @@ def cps_step_with_logprob(scheduler, model_output: torch.Tensor, timestep, sampl
     x1 = sample + (1 - sigma) * model_output
     prev_sample_mean = (1 - sigma_next) * x0 + torch.sqrt(sigma_next**2 - std_dev_t**2) * x1
     if prev_sample is None:
-        noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
         prev_sample = prev_sample_mean + std_dev_t * noise
     log_prob = -((prev_sample.detach().float() - prev_sample_mean) ** 2).mean(dim=tuple(range(1, sample.ndim)))
     return prev_sample, log_prob, prev_sample_mean, std_dev_t

@@ -57,8 +57,10 @@ def load_pipeline(name_or_path: str, torch_dtype=None, lora: str | os.PathLike |
         if components.get("_class_name") == "StableDiffusion3Pipeline":
             kwargs.update({k: None for k in ("text_encoder_3", "tokenizer_3") if k not in components})
         declared = components.get(CALL_KWARGS_KEY, {})
+    if torch_dtype is not None:
+        kwargs[dtype_keyword()] = torch_dtype
     try:
-        pipe = DiffusionPipeline.from_pretrained(location, torch_dtype=torch_dtype, **kwargs)
+        pipe = DiffusionPipeline.from_pretrained(location, **kwargs)
     except OSError as err:
         if os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(err).lower():
             raise OSError(f"could not load {name_or_path!r} offline: {err}. Pass a local path "
@@ -69,6 +71,14 @@ def load_pipeline(name_or_path: str, torch_dtype=None, lora: str | os.PathLike |
     if lora is not None:
         load_lora(pipe, lora)
     return pipe
+
+
+def dtype_keyword() -> str:
+    """diffusers renamed ``from_pretrained``'s ``torch_dtype`` to ``dtype`` (0.42 has both, and warns)."""
+    import diffusers
+    from packaging.version import Version
+
+    return "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
 
 
 def check_lora(lora_dir: str | os.PathLike) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from finetune.models.base import Policy, Step
 
@@ -52,7 +53,7 @@ def ddim_step_with_logprob(scheduler, model_output: torch.Tensor, timestep, samp
     prev_sample_mean = alpha_prev.sqrt() * x0_hat + (1 - alpha_prev - std_dev_t**2).sqrt() * model_output
 
     if prev_sample is None:
-        noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
         prev_sample = prev_sample_mean + std_dev_t * noise
     if eta == 0:
         return prev_sample_mean, torch.zeros(sample.shape[0], device=sample.device)

@@ -12,13 +12,21 @@ OBJECTIVES = {
 }
 
 
-def build_objective(name: str, family: str, **kwargs):
+def objective_class(name: str):
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r} (config field `objective.name`); "
                          f"available: {', '.join(OBJECTIVES)}")
     module, attr = OBJECTIVES[name].split(":")
-    cls = getattr(importlib.import_module(module), attr)
-    if family not in cls.families:
+    return getattr(importlib.import_module(module), attr)
+
+
+def build_objective(name: str, family: str | None, **kwargs):
+    """``family`` None: check the options only (before the model is loaded)."""
+    from finetune.config import check_options
+
+    cls = objective_class(name)
+    check_options("objective", name, cls, kwargs)
+    if family is not None and family not in cls.families:
         raise ValueError(f"objective {name!r} needs a {' or '.join(cls.families)} model, but `model.path` is a "
                          f"{family} model; pick a matching model or objective "
                          f"(e.g. ddpo for shapes-sd, flow_grpo, nft or awm for shapes-flow)")

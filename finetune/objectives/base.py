@@ -24,6 +24,15 @@ class Objective:
     def setup(self, policy, params: list[torch.nn.Parameter]) -> None:
         """Called once the trainable parameters exist (after LoRA is added)."""
 
+    def train_steps(self, stochastic: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+        """(n, k) indices of the recorded steps each sample trains on, in training order.
+
+        ``stochastic`` (n, T) marks the steps sampled from the policy's noise. Default (DDPO): each
+        sample its own random k of them, in random order.
+        """
+        return torch.stack([torch.nonzero(row).flatten()[torch.randperm(int(row.sum()), generator=generator)]
+                            for row in stochastic])[:, :k]
+
     def rollout_context(self, policy):
         """Weights the rollouts are sampled with (default: the current ones)."""
         return contextlib.nullcontext()

@@ -60,9 +60,17 @@ class DDPO(Objective):
 
 
 class FlowGRPO(DDPO):
-    """DDPO's surrogate on a flow model's SDE sampler, with the KL to the reference (beta)."""
+    """DDPO's surrogate on a flow model's SDE sampler, with the KL to the reference (beta).
+
+    ``train.timestep_fraction`` keeps the *first* k = int(T * fraction) stochastic steps of every
+    sample, in sampler order, as the reference code does (its 0.99 drops the last, least noisy step);
+    DDPO draws a random subset per sample instead.
+    """
 
     families = ("flow",)
 
     def __init__(self, clip_range: float = 1e-4, adv_clip_max: float = 5.0, kl_beta: float = 0.04):
         super().__init__(clip_range, adv_clip_max, kl_beta)
+
+    def train_steps(self, stochastic, k, generator):
+        return torch.stack([torch.nonzero(row).flatten() for row in stochastic])[:, :k]
