@@ -92,6 +92,30 @@ def latest(root: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def fingerprint(cfg) -> dict:
+    """What a checkpoint's weights belong to (from the run's config); resuming under another answer is refused."""
+    lora = cfg.lora
+    return {"model.path": str(cfg.model.path), "objective.name": cfg.objective.name, "lora.enabled": lora.enabled,
+            "lora.rank": lora.rank if lora.enabled else None, "lora.alpha": lora.alpha if lora.enabled else None,
+            "lora.target_modules": list(lora.target_modules or []) if lora.enabled else None,
+            "train.ema_decay": bool(cfg.train.ema_decay)}
+
+
+def check_resumable(folder: Path, state: dict, params: dict[str, torch.Tensor], now: dict,
+                    trainable: dict[str, torch.Tensor]) -> None:
+    """Refuse to load ``folder`` into a run whose fingerprint or trainable tensors differ, naming what changed."""
+    saved = state.get("trained", {})
+    changed = [f"{k}: {saved[k]!r} in the checkpoint, {now[k]!r} now" for k in now if k in saved and saved[k] != now[k]]
+    mine = {n: tuple(p.shape) for n, p in trainable.items()}
+    theirs = {n: tuple(p.shape) for n, p in params.items() if "/" not in n}  # not ema/..., objective/...
+    if not changed and mine != theirs:
+        changed = [f"trainable weights: {len(theirs)} tensors in the checkpoint, {len(mine)} now"
+                   + next((f" (first difference: {n})" for n in sorted(set(mine) ^ set(theirs))), "")]
+    if changed:
+        raise ValueError(f"cannot resume from {folder}: {'; '.join(changed)}. Resume with the settings the run "
+                         "started with, or train into a new output_dir")
+
+
 def load(folder: str | Path, optimizer=None, scaler=None) -> tuple[dict[str, torch.Tensor], dict]:
     """Weights and state; the optimizer (and grad scaler) state too, unless left for ``load_optimizer``."""
     folder = Path(folder)

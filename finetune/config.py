@@ -43,6 +43,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> DictCon
         layers.insert(0, OmegaConf.load(base_path))
         path = base_path
     merged = OmegaConf.merge(*layers)
+    overrides = list(overrides or [])
+    for i, override in enumerate(overrides):
+        if "=" not in override:
+            value = overrides[i + 1] if i + 1 < len(overrides) and "=" not in overrides[i + 1] else "VALUE"
+            raise ValueError(f"override `{override}` has no `=`: write key=value without spaces, "
+                             f"e.g. {override}={value}")
     try:
         changes = OmegaConf.from_dotlist(list(overrides or []))
         for section in SWITCHABLE:

@@ -28,14 +28,17 @@ class Checked:
     family: str | None  # None: a hub id not yet downloaded; the trainer checks it after the load
 
 
-def load_prompts(source: str) -> list[dict]:
+def load_prompts(source: str, field: str = "prompts.train") -> list[dict]:
     """``shapes:train`` / ``shapes:eval`` or a GenEval-style metadata jsonl."""
     from eval.run import load_records
 
+    if not str(source).startswith("shapes:") and not Path(source).is_file():
+        raise FileNotFoundError(f"config field `{field}`: no such file {source}; give a GenEval-style metadata "
+                                "jsonl, or shapes:train / shapes:eval")
     try:
         return load_records(source)
     except (ValueError, FileNotFoundError) as err:
-        raise type(err)(f"config field `prompts`: {err}") from None
+        raise type(err)(f"config field `{field}`: {err}") from None
 
 
 def mixed_precision(cfg: DictConfig) -> str | None:
@@ -52,6 +55,8 @@ def check_values(cfg: DictConfig) -> None:
     if cfg.model.get("dtype") not in DTYPES:
         raise ValueError(f"model.dtype must be null (follow train.mixed_precision), fp32, fp16 or bf16; "
                          f"got {cfg.model.dtype!r}")
+    if int(t.ema_every) < 1:
+        raise ValueError(f"train.ema_every must be >= 1 (optimizer steps between EMA updates), got {t.ema_every}")
     if int(t.get("max_nonfinite_steps", 1)) < 1:
         raise ValueError(f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
     for key in ("groups_per_epoch", "group_size", "batch_size"):
@@ -84,7 +89,7 @@ def preflight(cfg: DictConfig) -> Checked:
     check_values(cfg)
     train_prompts = load_prompts(cfg.prompts.train)
     evaluates = bool(cfg.eval.every or cfg.eval.get("every_minutes"))
-    eval_prompts = load_prompts(cfg.prompts.eval) if evaluates else []
+    eval_prompts = load_prompts(cfg.prompts.eval, "prompts.eval") if evaluates else []
     spec = cfg.reward if isinstance(cfg.reward, str) else OmegaConf.to_container(cfg.reward, resolve=True)
     reward = build_reward(spec)
     family = peek_family(cfg.model.path)

@@ -59,3 +59,17 @@ def sample(policy: Policy, prompts: list[str], noise: torch.Tensor, metadata: li
         log_probs=torch.stack(log_probs, 1) if trajectory else None,
         stochastic_steps=random_steps.expand(len(prompts), -1).clone() if trajectory else None,
     )
+
+
+def concat(parts: list[Rollout]) -> Rollout:
+    def cat(name):
+        values = [getattr(p, name) for p in parts]
+        return None if values[0] is None else torch.cat(values)
+
+    return Rollout(
+        prompts=[x for p in parts for x in p.prompts], metadata=[x for p in parts for x in p.metadata],
+        noise=cat("noise"), final=cat("final"), images=cat("images"),
+        cond={k: torch.cat([p.cond[k] for p in parts]) for k in parts[0].cond},
+        timesteps=parts[0].timesteps, latents=cat("latents"), log_probs=cat("log_probs"),
+        stochastic_steps=cat("stochastic_steps"),
+    )

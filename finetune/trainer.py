@@ -32,7 +32,8 @@ from finetune.models.base import select
 from finetune.models.hub import save_pipeline
 from finetune.objectives import build_objective
 from finetune.preflight import mixed_precision, preflight
-from finetune.rollout import Rollout, sample
+from finetune.report import flat_hparams, plot_curves
+from finetune.rollout import Rollout, concat, sample
 from rewards.base import check_finite
 
 
@@ -114,7 +115,7 @@ class Trainer:
     def save(self, epoch: int) -> None:
         if self.accelerator.is_main_process:
             state = {"tracker": self.tracker.state_dict(), "history": self.history, "global_step": self.global_step,
-                     "skipped_steps": self.skipped_steps, "trained": self.fingerprint()}
+                     "skipped_steps": self.skipped_steps, "trained": checkpoint.fingerprint(self.cfg)}
             tensors = self.trainable_state()
             if self.ema is not None:
                 state["ema_step"] = self.ema.optimization_step
@@ -124,33 +125,12 @@ class Trainer:
                             keep=self.cfg.checkpoint.keep, scaler=self.accelerator.scaler)
         self.accelerator.wait_for_everyone()
 
-    def fingerprint(self) -> dict:
-        """What a checkpoint's weights belong to; resuming under a different answer is refused."""
-        c = self.cfg
-        return {"model.path": str(c.model.path), "objective.name": c.objective.name, "lora.enabled": c.lora.enabled,
-                "lora.rank": c.lora.rank if c.lora.enabled else None,
-                "lora.alpha": c.lora.alpha if c.lora.enabled else None,
-                "lora.target_modules": list(c.lora.target_modules or []) if c.lora.enabled else None,
-                "train.ema_decay": bool(c.train.ema_decay)}
-
-    def check_resumable(self, folder: Path, state: dict, params: dict) -> None:
-        saved, now = state.get("trained", {}), self.fingerprint()
-        changed = [f"{k}: {saved[k]!r} in the checkpoint, {now[k]!r} now" for k in now if k in saved and saved[k] != now[k]]
-        mine = {n: tuple(p.shape) for n, p in self.trainable_state().items()}
-        theirs = {n: tuple(p.shape) for n, p in params.items() if "/" not in n}
-        if not changed and mine != theirs:
-            changed = [f"trainable weights: {len(theirs)} tensors in the checkpoint, {len(mine)} now"
-                       + next((f" (first difference: {n})" for n in sorted(set(mine) ^ set(theirs))), "")]
-        if changed:
-            raise ValueError(f"cannot resume from {folder}: {'; '.join(changed)}. Resume with the settings the run "
-                             "started with, or train into a new output_dir")
-
     def maybe_resume(self) -> None:
         folder = checkpoint.latest(self.out / "checkpoints") if self.cfg.resume else None
         if folder is None:
             return
         params, state = checkpoint.load(folder)
-        self.check_resumable(folder, state, params)
+        checkpoint.check_resumable(folder, state, params, checkpoint.fingerprint(self.cfg), self.trainable_state())
         checkpoint.load_optimizer(folder, self.optimizer, self.accelerator.scaler)
         current = self.trainable_state()
         with torch.no_grad():
@@ -281,7 +261,7 @@ class Trainer:
             self.nonfinite_in_a_row = 0
             self.global_step += 1
             self.objective.after_step(self.global_step)
-            if self.ema is not None:
+            if self.ema is not None and self.global_step % self.cfg.train.ema_every == 0:
                 self.ema.step(self.params)
             return
         self.skipped_steps += 1
@@ -453,53 +433,3 @@ class Trainer:
             plot_curves(self.history, self.out / "curves.png")
         acc.wait_for_everyone()
         acc.end_training()
-
-
-def flat_hparams(tree: dict, prefix: str = "") -> dict:
-    """Dotted keys and scalar values, as tensorboard's hparams want them."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flat_hparams(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
-
-
-def concat(parts: list[Rollout]) -> Rollout:
-    def cat(name):
-        values = [getattr(p, name) for p in parts]
-        return None if values[0] is None else torch.cat(values)
-
-    return Rollout(
-        prompts=[x for p in parts for x in p.prompts], metadata=[x for p in parts for x in p.metadata],
-        noise=cat("noise"), final=cat("final"), images=cat("images"),
-        cond={k: torch.cat([p.cond[k] for p in parts]) for k in parts[0].cond},
-        timesteps=parts[0].timesteps, latents=cat("latents"), log_probs=cat("log_probs"),
-        stochastic_steps=cat("stochastic_steps"),
-    )
-
-
-def plot_curves(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    train = [h for h in history if "reward_mean" in h]
-    epochs, rewards = [h["epoch"] for h in train], np.array([h["reward_mean"] for h in train])
-    axes[0].plot(epochs, rewards, marker=".", alpha=0.4, label="epoch mean")
-    if len(rewards) >= 10:  # one epoch's mean is noisy; the trend is what shows learning
-        w = max(5, len(rewards) // 10)
-        axes[0].plot(epochs[w - 1:], np.convolve(rewards, np.ones(w) / w, mode="valid"), label=f"{w}-epoch mean")
-        axes[0].legend()
-    axes[0].set(xlabel="epoch", ylabel="mean training reward", title="reward")
-    evals = [h for h in history if "geneval_overall" in h]
-    axes[1].plot([h["epoch"] for h in evals], [h["geneval_overall"] for h in evals], marker="o")
-    axes[1].set(xlabel="epoch", ylabel="GenEval overall (eval split)", title="held-out GenEval")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

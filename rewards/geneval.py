@@ -11,6 +11,19 @@
   position, 1 or 0 for the relation (both 0 when k != n). Wrong counts earn credit by how far off
   they are, so counting prompts give a signal before any image is exactly right.
 
+  How it differs from the reference reward code (``reward_server/gen_eval.py``, ``evaluate_reward``,
+  of yifan123/reward-server, which Flow-GRPO trains with):
+
+  * a failed position relation scores [0] here; the reference appends 0.0 and then, unconditionally,
+    1.0, so a wrong relation earns half credit for that clause (and a right one [1.0]). Read as a bug:
+    a model that puts the objects anywhere would earn credit for the relation it was asked to get
+    right. A missing target object scores 0 in both.
+  * a clause with the wrong count scores one 0 for each of its colour and position attributes here,
+    one 0 in all in the reference (GenEval's prompts never put both on one clause, so no prompt of
+    GenEval or of the shapes world scores differently);
+  * everything else is the same: the count term is not clamped (it goes below 0 when more than 2n
+    objects are found), exclude clauses add no term, and the detector settings are GenEval's.
+
 The strict score is always logged as ``correct``, the clause fraction as ``partial``.
 """
 

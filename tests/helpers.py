@@ -28,6 +28,19 @@ def tiny_sd3(seed=0):
                              tokenizer_dir=tokenizer_dir(), **TEST_SIZES)
 
 
+# Overrides that make a recipe a seconds-long run on the tiny pipelines below.
+FAST = ["model.num_steps=3", "sample.groups_per_epoch=2", "sample.group_size=4", "sample.batch_size=8",
+        "train.batch_size=4", "train.gradient_accumulation_steps=1", "eval.every=0", "log.tensorboard=false", "cpu=true",
+        "reward=brightness"]
+
+
+def save_tiny_models(root: Path) -> Path:
+    """A tiny SD pipeline in root/sd and a tiny SD3 pipeline in root/flow."""
+    tiny_sd().save_pretrained(root / "sd")
+    tiny_sd3().save_pretrained(root / "flow")
+    return root
+
+
 RESPONSIVE_VAE = Path(__file__).resolve().parent / "assets" / "responsive_vae"
 
 

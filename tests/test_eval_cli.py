@@ -36,7 +36,8 @@ def setup(tmp_path_factory):
     cfg = load_config("configs/flow_grpo_shapes_flow.yaml", [
         f"model.path={root / 'model'}", f"output_dir={root / 'run'}", "cpu=true", "reward=brightness",
         "model.num_steps=3", "sample.groups_per_epoch=2", "sample.group_size=4", "sample.batch_size=8",
-        "train.batch_size=4", "train.epochs=1", "train.lr=5e-2", "eval.every=0", "log.tensorboard=false"])
+        "train.batch_size=4", "train.epochs=1", "train.lr=5e-2", "eval.every=0", "log.tensorboard=false",
+        "train.ema_decay=0"])  # the recipe's EMA (every 8 steps) would export the untrained LoRA
     Trainer(cfg).train()
     return root
 

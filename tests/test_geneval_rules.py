@@ -162,6 +162,8 @@ def test_graded_terms_follow_flow_grpo_reward():
     left = {"tag": "position", "prompt": "p",
             "include": [{"class": "dog", "count": 1}, {"class": "cup", "count": 1, "position": ["left of", 0]}]}
     assert graded({"dog": [det(30, 0, 40, 10)], "cup": [det(0, 0, 10, 10)]}, left) == [1.0, 1.0, 1.0]
+    # A wrong relation: the reference reward code appends 0.0 and then 1.0 (half credit, a mean of 3/4);
+    # here it earns nothing (2/3), the one deliberate difference (rewards/geneval.py).
     assert graded({"dog": [det(0, 0, 10, 10)], "cup": [det(30, 0, 40, 10)]}, left) == [1.0, 1.0, 0.0]
     assert graded({"cup": [det(0, 0, 10, 10)]}, left) == [0.0, 1.0, 0.0]
     assert graded({"dog": [det(30, 0, 40, 10)]}, left) == [1.0, 0.0, 0.0]

@@ -35,7 +35,7 @@ def check(tmp_path, *overrides):
     (["model.sde_type=cps"], r"model.sde_type='cps' applies to flow models"),
     (["model.path=/no/such/dir"], r"model path '/no/such/dir' does not exist"),
     (["model.path=runs/typo/model"], r"model path 'runs/typo/model' does not exist"),
-    (["prompts.train=/no/such.jsonl"], r"config field `prompts`"),
+    (["prompts.train=/no/such.jsonl"], r"config field `prompts.train`: no such file"),
     (["train.mixed_precision=fp8"], r"train.mixed_precision must be null"),
     (["model.dtype=float16"], r"model.dtype must be null"),
     (["train.batch_size=24"], r"32 samples per process per epoch must be a multiple of .* = 24"),
@@ -72,3 +72,17 @@ def test_resume_false_never_overwrites_an_earlier_runs_checkpoints(tmp_path):
 def test_a_good_config_passes(tmp_path):
     checked = preflight(load_config(RECIPE, [f"output_dir={tmp_path}"]))
     assert checked.family == "sd" and checked.train_prompts and type(checked.objective).__name__ == "DDPO"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.lrr=1e-3"], "diffrl: error: unknown config key `train.lrr`; did you mean `train.lr`?"),
+    (["train.lr", "1e-3"], "diffrl: error: override `train.lr` has no `=`: write key=value without spaces, "
+                           "e.g. train.lr=1e-3"),
+    (["objective.clip_rnge=0.1"], "diffrl: error: unknown option `objective.clip_rnge` for objective 'ddpo'"),
+])
+def test_the_cli_prints_one_error_line_without_a_traceback(tmp_path, capsys, overrides, message):
+    from finetune.cli import main
+
+    assert main(["train", "--config", RECIPE, f"output_dir={tmp_path}", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and "Traceback" not in err and len(err.strip().splitlines()) == 1

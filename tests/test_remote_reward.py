@@ -154,7 +154,7 @@ def tiny_recipe(model_dir, out, reward, epochs):
     return load_config("configs/flow_grpo_shapes_flow.yaml", [
         f"model.path={model_dir}", f"output_dir={out}", "cpu=true", f"reward={reward}", f"train.epochs={epochs}",
         "model.num_steps=2", "sample.groups_per_epoch=1", "sample.group_size=4", "sample.batch_size=4",
-        "train.batch_size=4", "eval.every=0", "log.tensorboard=false"])
+        "train.batch_size=4", "train.gradient_accumulation_steps=1", "eval.every=0", "log.tensorboard=false"])
 
 
 def test_trainer_against_a_served_reward_then_the_server_dies(server_for, tmp_path):

@@ -112,7 +112,7 @@ def test_example_plugin_trains(site, tmp_path):
     cfg = load_config("configs/flow_grpo_shapes_flow.yaml", [
         f"model.path={tmp_path / 'model'}", f"output_dir={tmp_path / 'run'}", "cpu=true", "reward=redness",
         "train.epochs=2", "model.num_steps=2", "sample.groups_per_epoch=1", "sample.group_size=4",
-        "sample.batch_size=4", "train.batch_size=4", "train.lr=1e-2", "eval.every=0", "log.tensorboard=false"])
+        "sample.batch_size=4", "train.batch_size=4", "train.gradient_accumulation_steps=1", "train.lr=1e-2", "eval.every=0", "log.tensorboard=false"])
     trainer = Trainer(cfg)
     before = [p.detach().clone() for p in trainer.params]
     history = trainer.train()

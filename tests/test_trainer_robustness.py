@@ -6,18 +6,13 @@ import torch
 from finetune import checkpoint
 from finetune.config import load_config
 from finetune.trainer import Trainer
-from tests.helpers import tiny_sd, tiny_sd3
+from tests.helpers import FAST, save_tiny_models
 
-FAST = ["model.num_steps=3", "sample.groups_per_epoch=2", "sample.group_size=4", "sample.batch_size=8",
-        "train.batch_size=4", "eval.every=0", "log.tensorboard=false", "cpu=true", "reward=brightness"]
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    tiny_sd().save_pretrained(root / "sd")
-    tiny_sd3().save_pretrained(root / "flow")
-    return root
+    return save_tiny_models(tmp_path_factory.mktemp("models"))
 
 
 def trainer(models, out, *overrides, recipe="configs/ddpo_shapes_sd.yaml", family="sd"):

@@ -24,8 +24,9 @@ After each epoch the old policy follows theta softly:
 
     theta_old <- d theta_old + (1 - d) theta,   d = min(uprate * max(step - flat, 0), cap)  (0 before flat)
 
-Velocities are the policy's own prediction: conditional only at guidance 1 (the paper's
-CFG-free setting), classifier-free guided otherwise, as in the official code.
+Velocities are the policy's own prediction: conditional only at guidance 1, the paper's and the
+official code's CFG-free setting. With guidance > 1 rollouts and velocities are classifier-free
+guided: this framework's extension, not in the official code (which trains CFG-free only).
 For epsilon models the same loss holds with x0+- the clean samples implied by the mixed eps
 predictions (x0 is linear in the model output), which ``policy.predict_x0`` gives.
 """

@@ -1,0 +1,43 @@
+"""What a training run leaves for people to read: the curves plot and tensorboard's hyperparameters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def flat_hparams(tree: dict, prefix: str = "") -> dict:
+    """Dotted keys and scalar values, as tensorboard's hparams want them."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flat_hparams(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    train = [h for h in history if "reward_mean" in h]
+    epochs, rewards = [h["epoch"] for h in train], np.array([h["reward_mean"] for h in train])
+    axes[0].plot(epochs, rewards, marker=".", alpha=0.4, label="epoch mean")
+    if len(rewards) >= 10:  # one epoch's mean is noisy; the trend is what shows learning
+        w = max(5, len(rewards) // 10)
+        axes[0].plot(epochs[w - 1:], np.convolve(rewards, np.ones(w) / w, mode="valid"), label=f"{w}-epoch mean")
+        axes[0].legend()
+    axes[0].set(xlabel="epoch", ylabel="mean training reward", title="reward")
+    evals = [h for h in history if "geneval_overall" in h]
+    axes[1].plot([h["epoch"] for h in evals], [h["geneval_overall"] for h in evals], marker="o")
+    axes[1].set(xlabel="epoch", ylabel="GenEval overall (eval split)", title="held-out GenEval")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
