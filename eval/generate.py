@@ -23,16 +23,48 @@ def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
     return seed * 1_000_003 + prompt_index * 1_000 + image_index
 
 
-def latent_shape(pipe) -> tuple[int, int, int]:
+def packs_latents(pipe) -> bool:
+    """FLUX-style pipelines take latents packed into 2x2 patches, (B, H/2 * W/2, 4C)."""
+    return hasattr(pipe, "_pack_latents")
+
+
+def image_size(pipe) -> tuple[int, int]:
+    """(height, width) in pixels of a packed-latent pipeline's samples: the folder's declared call
+    keyword arguments, else the pipeline's default (1024 for FLUX.1)."""
+    default = pipe.default_sample_size * pipe.vae_scale_factor
+    declared = call_kwargs(pipe)
+    return declared.get("height", default), declared.get("width", default)
+
+
+def _unpacked_shape(pipe) -> tuple[int, int, int]:
+    # As FluxPipeline.prepare_latents: the latent grid is rounded down to whole 2x2 patches.
+    height, width = image_size(pipe)
+    scale = pipe.vae_scale_factor * 2
+    return pipe.transformer.config.in_channels // 4, 2 * (height // scale), 2 * (width // scale)
+
+
+def latent_shape(pipe) -> tuple[int, ...]:
+    """One sample's initial latent: (C, H, W), or (H/2 * W/2, 4C) for a packed-latent pipeline."""
+    if packs_latents(pipe):
+        channels, height, width = _unpacked_shape(pipe)
+        return (height // 2) * (width // 2), channels * 4
     denoiser = getattr(pipe, "unet", None) or pipe.transformer
     size = denoiser.config.sample_size
     return denoiser.config.in_channels, size, size
 
 
 def initial_noise(pipe, seeds: list[int], device=None) -> torch.Tensor:
-    """One seeded CPU generator per image, so an image's noise does not depend on its batch or device."""
+    """One seeded CPU generator per image, so an image's noise does not depend on its batch or device.
+
+    Packed latents are drawn as FluxPipeline.prepare_latents draws them (unpacked, then packed), so
+    ``pipe(generator=...)`` with the same seeds starts from the same noise.
+    """
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    return randn_tensor((len(seeds), *latent_shape(pipe)), generator=generators, device=device)
+    if not packs_latents(pipe):
+        return randn_tensor((len(seeds), *latent_shape(pipe)), generator=generators, device=device)
+    shape = _unpacked_shape(pipe)
+    noise = randn_tensor((len(seeds), *shape), generator=generators, device=device)
+    return pipe._pack_latents(noise, len(seeds), *shape)
 
 
 def generate(pipe, records: list[dict], out: str | Path, images_per_prompt: int = 4, seed: int = 0,

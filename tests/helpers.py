@@ -28,6 +28,29 @@ def tiny_sd3(seed=0):
                              tokenizer_dir=tokenizer_dir(), **TEST_SIZES)
 
 
+def tiny_flux(seed=0, guidance_embeds=True):
+    """FLUX.1-dev layout (guidance-distilled) by default; ``guidance_embeds=False`` is FLUX.1-schnell's."""
+    torch.manual_seed(seed)
+    return tiny.flux_pipeline(layers=1, single_layers=1, head_dim=16, heads=2, text_hidden=32, text_layers=1,
+                              tokenizer_dir=tokenizer_dir(), guidance_embeds=guidance_embeds, **TEST_SIZES)
+
+
+def tiny_sdxl(seed=0, text_hidden=16):
+    torch.manual_seed(seed)
+    return tiny.sdxl_pipeline(unet_channels=(16, 32), text_hidden=text_hidden, text_layers=1,
+                              tokenizer_dir=tokenizer_dir(), **TEST_SIZES)
+
+
+def tiny_sd_v(seed=0, **scheduler):
+    """The tiny SD pipeline as a v-prediction model (SD 2.x-768 style); ``scheduler`` overrides its config."""
+    from diffusers import DDIMScheduler
+
+    pipe = tiny_sd(seed)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config,
+                                               **{"prediction_type": "v_prediction", **scheduler})
+    return pipe
+
+
 # Overrides that make a recipe a seconds-long run on the tiny pipelines below.
 FAST = ["model.num_steps=3", "sample.groups_per_epoch=2", "sample.group_size=4", "sample.batch_size=8",
         "train.batch_size=4", "train.gradient_accumulation_steps=1", "eval.every=0", "log.tensorboard=false", "cpu=true",

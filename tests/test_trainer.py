@@ -51,7 +51,9 @@ def test_resume_ends_with_the_same_parameters(models, tmp_path, family, extra):
 @pytest.mark.parametrize("family", ["sd", "flow"])
 def test_saved_lora_loads_into_a_fresh_pipeline(models, tmp_path, family):
     # No EMA: the Flow-GRPO recipe's (every 8 steps) would export the untrained LoRA after one step.
-    trainer = run(models, family, tmp_path / "run", "train.epochs=1", "train.lr=1e-2", "train.ema_decay=0")
+    # alpha != rank: the saved folder must carry the adapter's scale (diffusers assumes alpha = rank).
+    trainer = run(models, family, tmp_path / "run", "train.epochs=1", "train.lr=1e-2", "train.ema_decay=0",
+                  "lora.rank=4", "lora.alpha=8")
     policy = trainer.policy
     noise = policy.initial_noise([11, 12])
     prompts = ["a photo of a red circle", "a photo of two stars"]

@@ -1,11 +1,12 @@
-"""Model adapters: one ``Policy`` interface over epsilon (SD) and rectified-flow (SD3) pipelines."""
+"""Model adapters: one ``Policy`` interface over UNet (SD, SDXL) and rectified-flow (SD3) pipelines."""
 
 from __future__ import annotations
 
 from finetune.models.base import Policy
 
-# SDXL (two text encoders, micro-conditioning) and FLUX (packed latents) are not wired in yet.
-FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusion3Pipeline": "flow"}
+# Pipeline class -> family: "sd" is a UNet with DDIM steps (SD 1.x/2.x, SDXL), "flow" a rectified flow.
+FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sd", "StableDiffusion3Pipeline": "flow",
+            "FluxPipeline": "flow"}
 
 
 def load_policy(model: str, guidance_scale: float = 4.0, num_steps: int = 20, noise: float | None = None,
@@ -53,11 +54,15 @@ def peek_family(model: str) -> str | None:
 
 def wrap_pipeline(pipe, guidance_scale: float = 4.0, num_steps: int = 20, noise: float | None = None) -> Policy:
     from finetune.models.flow import FlowPolicy
+    from finetune.models.flux import FluxPolicy
     from finetune.models.sd import SDPolicy
+    from finetune.models.sdxl import SDXLPolicy
 
     family = FAMILIES.get(type(pipe).__name__)
     if family == "sd":
-        return SDPolicy(pipe, guidance_scale, num_steps, 1.0 if noise is None else noise)
+        cls = SDXLPolicy if type(pipe).__name__ == "StableDiffusionXLPipeline" else SDPolicy
+        return cls(pipe, guidance_scale, num_steps, 1.0 if noise is None else noise)
     if family == "flow":
-        return FlowPolicy(pipe, guidance_scale, num_steps, 0.7 if noise is None else noise)
+        cls = FluxPolicy if type(pipe).__name__ == "FluxPipeline" else FlowPolicy
+        return cls(pipe, guidance_scale, num_steps, 0.7 if noise is None else noise)
     raise ValueError(f"unsupported pipeline {type(pipe).__name__}; supported: {', '.join(FAMILIES)}")

@@ -29,7 +29,7 @@ def select(cond: dict[str, torch.Tensor], index) -> dict[str, torch.Tensor]:
 
 
 class Policy:
-    family: str  # "sd" (epsilon prediction, DDIM) or "flow" (velocity, Euler / SDE)
+    family: str  # "sd" (UNet predicting eps / v / x0, DDIM) or "flow" (velocity, Euler / SDE)
     lora_modules: tuple[str, ...]
 
     def __init__(self, pipe, guidance_scale: float, num_steps: int, noise: float):
@@ -86,7 +86,7 @@ class Policy:
         raise NotImplementedError
 
     def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """What the denoiser regresses in pretraining (eps, or the velocity eps - x0)."""
+        """What the denoiser regresses in pretraining (eps or v for UNets, the velocity eps - x0 for flows)."""
         raise NotImplementedError
 
     def predict_x0(self, x_t: torch.Tensor, output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

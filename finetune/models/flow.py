@@ -105,12 +105,15 @@ SDE_STEPS = {"sde": sde_step_with_logprob, "cps": cps_step_with_logprob}
 class FlowPolicy(Policy):
     """StableDiffusion3Pipeline-style model: MMDiT velocity prediction, Euler / SDE steps.
 
-    FLUX shares the maths; its pipeline packs latents into 2x2 patches and has no negative
-    prompt by default, which this adapter does not cover yet.
+    FLUX shares the maths; its packed latents, embedded guidance and shifted schedule are
+    ``FluxPolicy``'s (flux.py).
     """
 
     family = "flow"
-    lora_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    # Flow-GRPO's SD3 targets: the joint attention's projections ("attn." leaves SD3.5's second,
+    # image-only attention ``attn2`` untouched, as the reference does).
+    lora_modules = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                    "attn.add_v_proj", "attn.to_add_out")
 
     def __init__(self, pipe, guidance_scale: float = 4.0, num_steps: int = 20, noise_level: float = 0.7):
         super().__init__(pipe, guidance_scale, num_steps, noise_level)
@@ -185,5 +188,7 @@ class FlowPolicy(Policy):
     def save_lora(self, directory):
         from peft.utils import get_peft_model_state_dict
 
-        # SD3's LoRA loader reads peft's own key names (no conversion, unlike the UNet's).
-        self.pipe.save_lora_weights(directory, transformer_lora_layers=get_peft_model_state_dict(self.denoiser))
+        # SD3's LoRA loader reads peft's own key names (no conversion, unlike the UNet's); the adapter's
+        # config goes along as metadata, without which diffusers would load it with lora_alpha = rank.
+        self.pipe.save_lora_weights(directory, transformer_lora_layers=get_peft_model_state_dict(self.denoiser),
+                                    transformer_lora_adapter_metadata=self.denoiser.peft_config["default"].to_dict())

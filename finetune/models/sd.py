@@ -1,4 +1,4 @@
-"""Epsilon-prediction UNet pipelines (SD 1.x/2.x/XL-style): DDIM as a Gaussian policy.
+"""UNet pipelines (SD 1.x/2.x, SDXL via ``sdxl.py``): DDIM as a Gaussian policy.
 
 DDPO (Black et al., 2023, "Training Diffusion Models with Reinforcement Learning") treats each
 DDIM step with eta > 0 as a Gaussian policy over the previous latent:
@@ -9,6 +9,10 @@ DDIM step with eta > 0 as a Gaussian policy over the previous latent:
     x_{t-1}    ~ N(mu_t, sigma_t^2 I)
 
 and the log-density of ``x_{t-1}`` under it is the policy's log-probability of that action.
+
+The UNet may predict eps, v = sqrt(abar) eps - sqrt(1 - abar) x0 (SD 2.x-768, zero-SNR models) or
+x0 itself (the scheduler's ``prediction_type``); each is turned into the pair (x0_hat, eps) first,
+as DDIMScheduler.step does, so the policy and the forward process are the same for all three.
 """
 
 from __future__ import annotations
@@ -27,6 +31,37 @@ def _per_sample(values: torch.Tensor, timestep, ndim: int) -> torch.Tensor:
     return values[t.clamp(min=0)].reshape(-1, *([1] * (ndim - 1))), t.reshape(-1, *([1] * (ndim - 1)))
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def check_scheduler(config) -> None:
+    """Refuse, by the scheduler field to change, DDIM settings this module does not reproduce."""
+    kind = config.prediction_type
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(f"scheduler prediction_type={kind!r} is not supported; expected one of {PREDICTION_TYPES}")
+    if config.get("thresholding"):
+        raise ValueError("scheduler thresholding=True (dynamic thresholding of x0) is not supported; "
+                         "set the scheduler's `thresholding` to false")
+    if config.get("rescale_betas_zero_snr") and kind == "epsilon":
+        raise ValueError("scheduler rescale_betas_zero_snr=True with prediction_type='epsilon': at zero terminal "
+                         "SNR x0 = (x_t - eps) / sqrt(abar_T) divides by zero; zero-SNR models need "
+                         "prediction_type='v_prediction'")
+
+
+def x0_and_eps(prediction_type: str, output: torch.Tensor, sample: torch.Tensor,
+               alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean sample and the noise that a model output implies at x_t = sqrt(abar) x0 + sqrt(1 - abar) eps.
+
+    Both are linear in ``output`` (what the forward-process objectives rely on).
+    """
+    a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    if prediction_type == "epsilon":
+        return (sample - s * output) / a, output
+    if prediction_type == "v_prediction":  # v = a eps - s x0, and a^2 + s^2 = 1
+        return a * sample - s * output, a * output + s * sample
+    return output, (sample - a * output) / s  # "sample": the output is x0
+
+
 def ddim_step_with_logprob(scheduler, model_output: torch.Tensor, timestep, sample: torch.Tensor,
                            eta: float = 1.0, prev_sample: torch.Tensor | None = None,
                            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,21 +71,24 @@ def ddim_step_with_logprob(scheduler, model_output: torch.Tensor, timestep, samp
     ``set_timesteps``). If ``prev_sample`` is given, it is scored instead of sampled. With
     ``eta == 0`` the step is deterministic (diffusers' DDIM) and the returned log-prob is 0.
     """
-    if scheduler.config.prediction_type != "epsilon":
-        raise ValueError(f"ddim_step_with_logprob supports epsilon prediction, the scheduler predicts "
-                         f"{scheduler.config.prediction_type!r}")
+    config = scheduler.config
+    check_scheduler(config)
     ndim = sample.ndim
     model_output, sample = model_output.float(), sample.float()
     alphas = scheduler.alphas_cumprod.to(sample.device)
-    step = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    step = config.num_train_timesteps // scheduler.num_inference_steps
     alpha_t, t = _per_sample(alphas, timestep, ndim)
     alpha_prev, t_prev = _per_sample(alphas, t - step, ndim)
     alpha_prev = torch.where(t_prev >= 0, alpha_prev, torch.as_tensor(float(scheduler.final_alpha_cumprod)))
 
-    x0_hat = (sample - (1 - alpha_t).sqrt() * model_output) / alpha_t.sqrt()
+    x0_hat, eps_hat = x0_and_eps(config.prediction_type, model_output, sample, alpha_t)
+    if config.clip_sample:  # as DDIMScheduler.step: x0 is clipped, the direction keeps the unclipped eps
+        x0_hat = x0_hat.clamp(-config.clip_sample_range, config.clip_sample_range)
     variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
     std_dev_t = eta * variance.sqrt()
-    prev_sample_mean = alpha_prev.sqrt() * x0_hat + (1 - alpha_prev - std_dev_t**2).sqrt() * model_output
+    # At zero terminal SNR with eta = 1 this coefficient is exactly 0; clamp rounding below it.
+    direction = (1 - alpha_prev - std_dev_t**2).clamp(min=0).sqrt()
+    prev_sample_mean = alpha_prev.sqrt() * x0_hat + direction * eps_hat
 
     if prev_sample is None:
         noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
@@ -68,7 +106,7 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
 
 
 class SDPolicy(Policy):
-    """StableDiffusionPipeline-style model: UNet epsilon prediction, DDIM steps."""
+    """StableDiffusionPipeline-style model: UNet eps / v / x0 prediction, DDIM steps."""
 
     family = "sd"
     lora_modules = ("to_q", "to_k", "to_v", "to_out.0")
@@ -78,6 +116,7 @@ class SDPolicy(Policy):
 
         if not isinstance(pipe.scheduler, DDIMScheduler):
             pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        check_scheduler(pipe.scheduler.config)
         super().__init__(pipe, guidance_scale, num_steps, eta)
 
     @property
@@ -123,11 +162,18 @@ class SDPolicy(Policy):
         return a.sqrt() * x0 + (1 - a).sqrt() * eps
 
     def target(self, x0, eps, t):
-        return eps  # epsilon prediction only, as ddim_step_with_logprob
+        """The scheduler's regression target: eps, v = sqrt(abar) eps - sqrt(1 - abar) x0, or x0."""
+        kind = self.pipe.scheduler.config.prediction_type
+        if kind == "epsilon":
+            return eps
+        if kind == "v_prediction":
+            a = self._alpha_bar(t, x0.ndim)
+            return a.sqrt() * eps - (1 - a).sqrt() * x0
+        return x0
 
     def predict_x0(self, x_t, output, t):
         a = self._alpha_bar(t, x_t.ndim)
-        return (x_t - (1 - a).sqrt() * output) / a.sqrt()
+        return x0_and_eps(self.pipe.scheduler.config.prediction_type, output, x_t, a)[0]
 
     def latents_to_images(self, latents):
         vae = self.pipe.vae
@@ -135,4 +181,7 @@ class SDPolicy(Policy):
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     def save_lora(self, directory):
-        self.pipe.save_lora_weights(directory, unet_lora_layers=self.lora_state_dict(), safe_serialization=True)
+        """A LoRA folder that ``load_lora_weights`` reads; the adapter's config goes along as metadata,
+        without which diffusers would load it with lora_alpha = rank."""
+        self.pipe.save_lora_weights(directory, unet_lora_layers=self.lora_state_dict(), safe_serialization=True,
+                                    unet_lora_adapter_metadata=self.denoiser.peft_config["default"].to_dict())

@@ -15,12 +15,16 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
+                          T5EncoderModel, T5Tokenizer)
 
 from eval.shapes import grammar
 
@@ -152,3 +156,69 @@ def sd3_pipeline(layers=4, head_dim=32, heads=2, text_hidden=64, text_layers=2, 
         text_encoder_2=CLIPTextModelWithProjection(config), tokenizer_2=tok,
         text_encoder_3=None, tokenizer_3=None,
     )
+
+
+def sdxl_pipeline(unet_channels=(32, 64, 64), text_hidden=64, text_layers=2, vae_channels=(16, 32, 32),
+                  tokenizer_dir=None, latent_size=16, time_embed_dim=8) -> StableDiffusionXLPipeline:
+    """An SDXL-layout pipeline with random weights: two CLIP encoders (the second with a projection)
+    and a UNet conditioned on their pooled embedding and the six size/crop time ids."""
+    tok = _tokenizer(tokenizer_dir)
+    config = text_config(len(tok), text_hidden, text_layers)
+    unet = UNet2DConditionModel(
+        sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=unet_channels,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(unet_channels) - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (len(unet_channels) - 1) + ("UpBlock2D",),
+        cross_attention_dim=2 * text_hidden,  # both encoders' hidden states, concatenated
+        attention_head_dim=8, norm_num_groups=min(16, unet_channels[0]), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + config.projection_dim,
+    )
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              prediction_type="epsilon")
+    return StableDiffusionXLPipeline(
+        vae=vae(vae_channels), text_encoder=CLIPTextModel(config), text_encoder_2=CLIPTextModelWithProjection(config),
+        tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
+def t5_tokenizer() -> T5Tokenizer:
+    """A T5 (Unigram) tokenizer whose vocabulary is the grammar's words, each one piece, built in memory."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + word, -1.0) for word in grammar_words()]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=MAX_TOKENS)
+
+
+def flux_pipeline(layers=1, single_layers=1, head_dim=16, heads=2, text_hidden=32, text_layers=1,
+                  vae_channels=(16, 32, 32), tokenizer_dir=None, latent_size=16,
+                  guidance_embeds=True) -> FluxPipeline:
+    """A FLUX.1-layout pipeline (CLIP pooled + T5 sequence conditioning, packed latents) with random weights.
+
+    ``guidance_embeds`` True is FLUX.1-dev's guidance-distilled layout, False FLUX.1-schnell's. The image
+    size and T5 length are declared as call keyword arguments (``pipe.call_kwargs``; ``save_pipeline``
+    keeps them), since FluxPipeline's own default is 1024 px and 512 T5 tokens.
+    """
+    tok = _tokenizer(tokenizer_dir)
+    t5_tok = t5_tokenizer()
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=text_hidden, d_kv=head_dim, d_ff=2 * text_hidden,
+                                 num_layers=text_layers, num_heads=heads, relative_attention_num_buckets=8,
+                                 dropout_rate=0.0))
+    autoencoder = vae(vae_channels)
+    autoencoder.register_to_config(scaling_factor=0.3611, shift_factor=0.1159)  # FLUX.1's VAE statistics
+    transformer = FluxTransformer2DModel(  # its tokens are 2x2 patches of latent channels (packed latents)
+        patch_size=1, in_channels=4 * autoencoder.config.latent_channels, num_layers=layers,
+        num_single_layers=single_layers, attention_head_dim=head_dim, num_attention_heads=heads,
+        joint_attention_dim=text_hidden, pooled_projection_dim=text_hidden, guidance_embeds=guidance_embeds,
+        axes_dims_rope=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8),  # RoPE dims sum to head_dim
+    )
+    # FLUX.1's scheduler: exponential time shift with mu from the number of latent patches.
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    clip = CLIPTextModel(text_config(len(tok), text_hidden, text_layers))
+    pipe = FluxPipeline(scheduler=scheduler, vae=autoencoder, text_encoder=clip, tokenizer=tok, text_encoder_2=t5,
+                        tokenizer_2=t5_tok, transformer=transformer)
+    size = latent_size * pipe.vae_scale_factor
+    pipe.call_kwargs = {"height": size, "width": size, "max_sequence_length": MAX_TOKENS}
+    return pipe

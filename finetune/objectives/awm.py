@@ -32,7 +32,7 @@ better-than-average samples are matched (reward-weighted regression), a diagnost
 On the first step after sampling the ratio is 1 and the policy gradient is -A grad log p_theta:
 advantage-weighted flow matching, pretraining's loss reweighted.
 As in the official code, v_theta is guided when the model's guidance scale is > 1.
-For epsilon models the target is eps instead of the velocity (``policy.target``).
+For UNet models the target is the scheduler's, eps or v, instead of the velocity (``policy.target``).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ recorded at sampling time (theta_old), the PPO-clipped surrogate over timesteps 
     r_t(theta) = p_theta(x_{t-1} | x_t, c) / p_theta_old(x_{t-1} | x_t, c)
     L_clip     = E_t[ max(-A r_t, -A clip(r_t, 1 - eps, 1 + eps)) ]
 
-DDPO applies it to DDIM steps with eta > 0 on epsilon models. Flow-GRPO applies it to the SDE
+DDPO applies it to DDIM steps with eta > 0 on UNet (eps / v) models. Flow-GRPO applies it to the SDE
 steps of a rectified-flow model and adds a KL to the reference policy, which for two Gaussians with
 the same std is
 

@@ -27,7 +27,7 @@ After each epoch the old policy follows theta softly:
 Velocities are the policy's own prediction: conditional only at guidance 1, the paper's and the
 official code's CFG-free setting. With guidance > 1 rollouts and velocities are classifier-free
 guided: this framework's extension, not in the official code (which trains CFG-free only).
-For epsilon models the same loss holds with x0+- the clean samples implied by the mixed eps
+For UNet models the same loss holds with x0+- the clean samples implied by the mixed eps (or v)
 predictions (x0 is linear in the model output), which ``policy.predict_x0`` gives.
 """
 
