@@ -29,9 +29,12 @@ def packs_latents(pipe) -> bool:
 
 
 def image_size(pipe) -> tuple[int, int]:
-    """(height, width) in pixels of a packed-latent pipeline's samples: the folder's declared call
-    keyword arguments, else the pipeline's default (1024 for FLUX.1)."""
-    default = pipe.default_sample_size * pipe.vae_scale_factor
+    """(height, width) in pixels of the pipeline's samples: the folder's (or ``model.resolution``'s)
+    declared call keyword arguments, else the denoiser's native sample size."""
+    if hasattr(pipe, "default_sample_size"):
+        default = pipe.default_sample_size * pipe.vae_scale_factor
+    else:
+        default = pipe.unet.config.sample_size * pipe.vae_scale_factor
     declared = call_kwargs(pipe)
     return declared.get("height", default), declared.get("width", default)
 
@@ -49,8 +52,8 @@ def latent_shape(pipe) -> tuple[int, ...]:
         channels, height, width = _unpacked_shape(pipe)
         return (height // 2) * (width // 2), channels * 4
     denoiser = getattr(pipe, "unet", None) or pipe.transformer
-    size = denoiser.config.sample_size
-    return denoiser.config.in_channels, size, size
+    height, width = image_size(pipe)
+    return denoiser.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor
 
 
 def initial_noise(pipe, seeds: list[int], device=None) -> torch.Tensor:

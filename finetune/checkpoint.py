@@ -1,7 +1,8 @@
 """Atomic checkpoints: a crash while writing never damages the last good checkpoint.
 
 A checkpoint is a folder ``checkpoint-<epoch>`` holding the trainable weights (safetensors), the
-optimizer state (and the fp16 grad scaler's, when there is one), and ``state.json`` (epoch,
+optimizer state (and the fp16 grad scaler's, when there is one; under DeepSpeed instead a folder
+``deepspeed`` of per-process shards written by accelerate's ``save_state``), and ``state.json`` (epoch,
 advantage tracker, history, what was trained). It is written under a temporary name and renamed
 into place, then ``latest`` is replaced atomically to point at it.
 
@@ -23,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 NAME = re.compile(r"checkpoint-(\d+)")
+SHARDED = "deepspeed"  # the folder of a sharded (DeepSpeed) optimizer state, in place of optimizer.pt
 
 
 def checkpoints(root: str | Path) -> list[tuple[int, Path]]:
@@ -39,27 +41,39 @@ def checkpoints(root: str | Path) -> list[tuple[int, Path]]:
 
 
 def complete(folder: Path) -> bool:
-    return all((folder / f).is_file() for f in ("state.json", "trainable.safetensors", "optimizer.pt"))
+    return (all((folder / f).is_file() for f in ("state.json", "trainable.safetensors"))
+            and ((folder / "optimizer.pt").is_file() or (folder / SHARDED).is_dir()))
+
+
+def refuse_nonfinite(params: dict[str, torch.Tensor], epoch: int, root: str | Path) -> None:
+    """A NaN model must never replace a good checkpoint."""
+    bad = [k for k, v in params.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise FloatingPointError(f"refusing to checkpoint epoch {epoch}: {len(bad)} tensor(s) hold NaN/inf "
+                                 f"(first: {bad[0]}); the last good checkpoint in {root} is kept")
 
 
 def save(root: str | Path, epoch: int, params: dict[str, torch.Tensor], optimizer, state: dict, keep: int = 2,
-         scaler=None) -> Path:
+         scaler=None, sharded: Path | None = None) -> Path:
+    """``sharded``: a folder already holding the optimizer state (DeepSpeed's shards), moved in instead of
+    saving ``optimizer``'s."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in params.items()}
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:  # a NaN model must never replace a good checkpoint
-        raise FloatingPointError(f"refusing to checkpoint epoch {epoch}: {len(bad)} tensor(s) hold NaN/inf "
-                                 f"(first: {bad[0]}); the last good checkpoint in {root} is kept")
+    refuse_nonfinite(tensors, epoch, root)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-checkpoint-", dir=root))
     save_file(tensors, tmp / "trainable.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if sharded is not None:
+        os.rename(sharded, tmp / SHARDED)
+    else:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if scaler is not None:
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "epoch": epoch}))
-    for f in tmp.iterdir():
-        with open(f, "rb") as handle:
-            os.fsync(handle.fileno())
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
     final = root / f"checkpoint-{epoch}"
     if final.exists():  # the same epoch again (e.g. after resuming): move it aside, drop it once replaced
         stale = Path(tempfile.mkdtemp(prefix=".old-checkpoint-", dir=root))

@@ -30,6 +30,23 @@ def switched(section: str, overrides: list[str], current) -> bool:
     return False
 
 
+def component_name(section):
+    """The name a reward/objective section selects (a string, ``{name: ...}``, or None for a reward mix)."""
+    if isinstance(section, str):
+        return section
+    return section.get("name") if isinstance(section, DictConfig) else None
+
+
+def merge_recipe(base: DictConfig, recipe: DictConfig) -> DictConfig:
+    """``recipe`` over ``base``; a section naming another component replaces the base's section."""
+    base = base.copy()
+    for section in SWITCHABLE:
+        named = component_name(recipe[section]) if section in recipe else None  # None: options of the base's
+        if named is not None and section in base and named != component_name(base[section]):
+            base.pop(section)
+    return OmegaConf.merge(base, recipe)
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> DictConfig:
     path = Path(path)
     if not path.exists() and (ROOT / path).exists():
@@ -42,7 +59,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> DictCon
         base_path = (path.parent / layers[0].pop("base")).resolve()
         layers.insert(0, OmegaConf.load(base_path))
         path = base_path
-    merged = OmegaConf.merge(*layers)
+    merged = layers[0]
+    for layer in layers[1:]:
+        merged = merge_recipe(merged, layer)
     overrides = list(overrides or [])
     for i, override in enumerate(overrides):
         if "=" not in override:

@@ -55,6 +55,10 @@ def check_values(cfg: DictConfig) -> None:
     if cfg.model.get("dtype") not in DTYPES:
         raise ValueError(f"model.dtype must be null (follow train.mixed_precision), fp32, fp16 or bf16; "
                          f"got {cfg.model.dtype!r}")
+    size = cfg.model.get("resolution")
+    if size is not None and (not isinstance(size, int) or size <= 0 or size % 16):
+        raise ValueError(f"model.resolution must be null (the model's own) or a positive multiple of 16 pixels "
+                         f"(VAE downsampling x 2x2 patches), got {size!r}")
     if int(t.ema_every) < 1:
         raise ValueError(f"train.ema_every must be >= 1 (optimizer steps between EMA updates), got {t.ema_every}")
     if int(t.get("max_nonfinite_steps", 1)) < 1:

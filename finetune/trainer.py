@@ -2,7 +2,8 @@
 
 Reads top to bottom like a recipe. Works unchanged under ``accelerate launch`` with several
 processes: each process samples its own prompt groups, rewards and prompts are gathered so that
-every process computes the same per-prompt advantages, and gradients are averaged by DDP.
+every process computes the same per-prompt advantages, and gradients are averaged by DDP, or by
+DeepSpeed ZeRO-2 (what that needs lives in finetune/distributed.py).
 
 Every random draw of epoch e on process r comes from a generator seeded with (seed, e, r), so a
 run resumed from a checkpoint continues exactly as the uninterrupted run would have.
@@ -18,14 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from diffusers.training_utils import EMAModel, cast_training_params
 from diffusers.utils.torch_utils import randn_tensor
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from finetune import checkpoint
+from finetune import checkpoint, distributed
 from finetune.advantages import PerPromptStatTracker
 from finetune.models import load_policy
 from finetune.models.base import select
@@ -69,14 +69,18 @@ class Trainer:
         self.evaluates = bool(cfg.eval.every or cfg.eval.get("every_minutes"))
         trackers = [name for name in ("tensorboard", "wandb") if cfg.log.get(name)]
         # mixed_precision null defers to `accelerate launch`'s config (its bf16 / fp16 setting).
-        self.accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=mixed_precision(cfg),
-                                       log_with=trackers or None, project_dir=str(self.out))
+        self.accelerator = distributed.build_accelerator(cfg, mixed_precision=mixed_precision(cfg),
+                                                         log_with=trackers or None, project_dir=str(self.out))
         set_seed(cfg.seed)  # LoRA initialisation draws from the global generator
         m = cfg.model
         # Frozen parts (VAE, text encoders, a LoRA's base weights, reference copies) run in the training
         # dtype, as in diffusers' training scripts; what is trained stays fp32 (master weights).
         self.weight_dtype = weight_dtype(m.get("dtype"), self.accelerator.mixed_precision)
-        self.policy = load_policy(m.path, m.guidance_scale, m.num_steps, m.noise, torch_dtype=self.weight_dtype)
+        self.policy = load_policy(m.path, m.guidance_scale, m.num_steps, m.noise, torch_dtype=self.weight_dtype,
+                                  resolution=m.get("resolution"), text_encoder_3=m.get("text_encoder_3", True),
+                                  max_sequence_length=m.get("max_sequence_length"))
+        if cfg.train.get("gradient_checkpointing"):
+            self.policy.denoiser.enable_gradient_checkpointing()
         if checked.family is None:  # a hub id that had to be downloaded: its family is known only now
             options = dict(cfg.objective)
             self.objective = build_objective(options.pop("name"), self.policy.family, **options)
@@ -100,9 +104,9 @@ class Trainer:
         self.skipped_steps = self.nonfinite_in_a_row = 0  # optimizer steps skipped for NaN/inf loss or gradients
         optimizer = torch.optim.AdamW(self.params, lr=cfg.train.lr, betas=(0.9, 0.999),
                                       weight_decay=cfg.train.weight_decay, eps=1e-8)
-        self.net, self.optimizer = self.accelerator.prepare(self.policy.denoiser, optimizer)
-        # Optional EMA of the trained weights: evaluated and exported instead of the raw weights.
+        # Optional EMA of the trained weights for eval and export; fp32: made before prepare may cast to bf16.
         self.ema = EMAModel(self.params, decay=cfg.train.ema_decay) if cfg.train.ema_decay else None
+        self.net, self.optimizer = distributed.prepare(self.accelerator, self.policy.denoiser, optimizer, cfg.train)
         a = cfg.advantage
         self.tracker = PerPromptStatTracker(a.buffer_size, a.min_count, a.global_std)
         self.history: list[dict] = []
@@ -113,17 +117,15 @@ class Trainer:
         return {n: p for n, p in self.policy.denoiser.named_parameters() if p.requires_grad}
 
     def save(self, epoch: int) -> None:
-        if self.accelerator.is_main_process:
-            state = {"tracker": self.tracker.state_dict(), "history": self.history, "global_step": self.global_step,
-                     "skipped_steps": self.skipped_steps, "trained": checkpoint.fingerprint(self.cfg)}
-            tensors = self.trainable_state()
-            if self.ema is not None:
-                state["ema_step"] = self.ema.optimization_step
-                tensors.update({f"ema/{name}": shadow for name, shadow in zip(list(tensors), self.ema.shadow_params)})
-            tensors.update({f"objective/{k}": v for k, v in self.objective.state_dict().items()})
-            checkpoint.save(self.out / "checkpoints", epoch, tensors, self.optimizer, state,
-                            keep=self.cfg.checkpoint.keep, scaler=self.accelerator.scaler)
-        self.accelerator.wait_for_everyone()
+        state = {"tracker": self.tracker.state_dict(), "history": self.history, "global_step": self.global_step,
+                 "skipped_steps": self.skipped_steps, "trained": checkpoint.fingerprint(self.cfg)}
+        tensors = self.trainable_state()
+        if self.ema is not None:
+            state["ema_step"] = self.ema.optimization_step
+            tensors.update({f"ema/{name}": shadow for name, shadow in zip(list(tensors), self.ema.shadow_params)})
+        tensors.update({f"objective/{k}": v for k, v in self.objective.state_dict().items()})
+        distributed.save_checkpoint(self.accelerator, self.out / "checkpoints", epoch, tensors, self.optimizer, state,
+                                    self.cfg.checkpoint.keep)
 
     def maybe_resume(self) -> None:
         folder = checkpoint.latest(self.out / "checkpoints") if self.cfg.resume else None
@@ -131,7 +133,7 @@ class Trainer:
             return
         params, state = checkpoint.load(folder)
         checkpoint.check_resumable(folder, state, params, checkpoint.fingerprint(self.cfg), self.trainable_state())
-        checkpoint.load_optimizer(folder, self.optimizer, self.accelerator.scaler)
+        distributed.load_optimizer(self.accelerator, folder, self.optimizer)
         current = self.trainable_state()
         with torch.no_grad():
             for name, value in current.items():
@@ -170,7 +172,7 @@ class Trainer:
                 noise = shared[i:i + s.batch_size].to(acc.device)
             else:
                 noise = randn_tensor((len(chunk), *self.policy.latent_shape()), generator=gen, device=acc.device)
-            with self.objective.rollout_context(self.policy), acc.autocast():
+            with self.objective.rollout_context(self.policy), distributed.autocast(acc):
                 ro = sample(self.policy, [r["prompt"] for r in chunk], noise, chunk,
                             trajectory="trajectory" in self.objective.needs, generator=gen,
                             stochastic=not self.objective.deterministic_rollouts, window=self.sde_window(gen))
@@ -225,15 +227,14 @@ class Trainer:
         self.objective.start_epoch()
         # Each epoch starts a fresh accumulation: nothing left over from the last epoch (or from
         # before a resume) may leak into its first optimizer step.
-        self.optimizer.zero_grad()
-        acc.step = 0
+        distributed.fresh_accumulation(acc, self.optimizer)
         logs: dict[str, list[float]] = {}
         if "trajectory" in self.objective.needs:
             batches = self.sampler_step_batches(epoch, rollout, advantages)
         else:
             batches = self.forward_process_batches(epoch, rollout, advantages)
         for batch in batches:
-            with acc.accumulate(self.net), acc.autocast():
+            with acc.accumulate(self.net), distributed.autocast(acc):
                 loss, info = self.objective.loss(self.policy, batch)
                 acc.backward(loss)
                 if acc.sync_gradients:
@@ -247,9 +248,9 @@ class Trainer:
     def optimizer_step(self, loss: torch.Tensor) -> None:
         """Clip and step, unless the loss or gradients are NaN/inf: then skip and count the step.
 
-        The gradient norm is taken after DDP's all-reduce, so every process skips the same steps.
-        Under fp16 the grad scaler makes this decision (its overflows are expected); either way
-        ``train.max_nonfinite_steps`` skips in a row abort the run with the last good checkpoint kept.
+        The norm is all-reduced (by DDP; DeepSpeed's engine skips its own step on it, in ``acc.backward``),
+        so every process skips the same steps. Under fp16 the grad scaler decides (its overflows are
+        expected); either way ``train.max_nonfinite_steps`` skips in a row abort the run, last good checkpoint kept.
         """
         acc = self.accelerator
         norm = acc.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm or float("inf"))
@@ -293,7 +294,7 @@ class Trainer:
                              "check sample.sde_window_size/range against train.timestep_range")
         n_train = max(1, int(int(counts[0]) * t_cfg.timestep_fraction))
         gen = epoch_generator(self.cfg.seed, epoch, acc.process_index, 2)
-        acc.gradient_accumulation_steps = n_train * t_cfg.gradient_accumulation_steps
+        distributed.set_accumulation(acc, n_train * t_cfg.gradient_accumulation_steps)
         for _ in range(t_cfg.inner_epochs):
             order = torch.randperm(n, generator=gen)
             steps = self.objective.train_steps(random_steps, n_train, gen)  # (n, n_train) step indices
@@ -312,7 +313,7 @@ class Trainer:
             for start in range(0, n, t_cfg.batch_size):
                 idx = order[start:start + t_cfg.batch_size]
                 times = self.objective.training_times(self.policy, len(idx), gen)  # (K, b)
-                acc.gradient_accumulation_steps = len(times) * t_cfg.gradient_accumulation_steps
+                distributed.set_accumulation(acc, len(times) * t_cfg.gradient_accumulation_steps)
                 x0 = rollout.final[idx]
                 for t in times:
                     yield {"x0": x0, "eps": randn_tensor(x0.shape, generator=gen, device=x0.device),
@@ -356,7 +357,7 @@ class Trainer:
         for start in range(0, len(jobs), self.cfg.sample.batch_size * 2):
             chunk = jobs[start:start + self.cfg.sample.batch_size * 2]
             noise = self.policy.initial_noise([image_seed(e.seed, i, j) for i, j in chunk])
-            with self.accelerator.autocast():
+            with distributed.autocast(self.accelerator):
                 ro = sample(self.policy, [self.eval_prompts[i]["prompt"] for i, _ in chunk], noise, stochastic=False)
             for (i, j), image in zip(chunk, to_pil(ro.images)):
                 rows.append(geneval.evaluate_image(backend, image, self.eval_prompts[i], f"{i:05d}/samples/{j:04d}.png"))

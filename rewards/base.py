@@ -47,7 +47,7 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 def _builtins() -> None:
     # Importing the modules registers their rewards.
-    from rewards import aesthetic, clipscore, geneval, hps, imagereward, jpeg, pickscore, remote, simple  # noqa: F401
+    from rewards import aesthetic, clipscore, geneval, hps, imagereward, jpeg, ocr, pickscore, remote, simple  # noqa: F401
 
 
 def build_reward(spec) -> Reward:

@@ -1,6 +1,10 @@
 """Recipe configs: base merging, dotted overrides, and switching a component by name."""
 
+from pathlib import Path
+
 from finetune.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 RECIPE = "configs/demo/ddpo_shapes_sd.yaml"
 
@@ -44,3 +48,32 @@ def test_unknown_keys_are_rejected_with_the_closest_valid_one():
 
     for recipe in glob.glob("configs/**/*.yaml", recursive=True):  # every shipped recipe is valid
         load_config(recipe)
+
+
+def test_a_recipe_naming_another_reward_replaces_the_base_section(tmp_path):
+    """base.yaml's geneval options (partial_credit) must not leak into a recipe's aesthetic reward."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base: {ROOT / 'configs' / 'base.yaml'}\nreward: {{name: aesthetic, weights: w.pth}}\n")
+    cfg = load_config(recipe)
+    assert dict(cfg.reward) == {"name": "aesthetic", "weights": "w.pth"}
+    recipe.write_text(f"base: {ROOT / 'configs' / 'base.yaml'}\nreward: {{name: geneval, partial_credit: graded}}\n")
+    assert load_config(recipe).reward.partial_credit == "graded"  # same component: merged as before
+
+
+def test_gpu_recipes_hold_only_valid_keys_values_and_options():
+    """configs/gpu/ cannot be run here (no weights): check everything that does not need the model."""
+    from finetune.objectives import build_objective
+    from finetune.preflight import check_values
+    from rewards.base import REGISTRY, _builtins
+
+    _builtins()
+    recipes = sorted((ROOT / "configs" / "gpu").glob("*.yaml"))
+    assert len(recipes) >= 7
+    for recipe in recipes:
+        cfg = load_config(recipe)
+        check_values(cfg)
+        options = dict(cfg.objective)
+        family = "sd" if "ddpo" in recipe.name else "flow"
+        build_objective(options.pop("name"), family, **options)
+        reward = cfg.reward if isinstance(cfg.reward, str) else cfg.reward.name
+        assert reward in REGISTRY, reward  # its options need the reward's weights: checked where they exist

@@ -10,11 +10,21 @@ FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sd", 
 
 
 def load_policy(model: str, guidance_scale: float = 4.0, num_steps: int = 20, noise: float | None = None,
-                torch_dtype=None) -> Policy:
-    """Load ``model`` (shipped name, local folder or hub id) and wrap it in its family's policy."""
+                torch_dtype=None, resolution: int | None = None, text_encoder_3: bool = True,
+                max_sequence_length: int | None = None) -> Policy:
+    """Load ``model`` (shipped name, local folder or hub id) and wrap it in its family's policy.
+
+    ``resolution`` (square, pixels) and ``max_sequence_length`` override the model's own call
+    settings; ``text_encoder_3=False`` leaves SD3's T5 unloaded (about 10 GB in bf16).
+    """
     from finetune.models.hub import load_pipeline
 
-    return wrap_pipeline(load_pipeline(model, torch_dtype=torch_dtype), guidance_scale, num_steps, noise)
+    call = {"height": resolution, "width": resolution} if resolution else {}
+    if max_sequence_length is not None:
+        call["max_sequence_length"] = max_sequence_length
+    without = () if text_encoder_3 else ("text_encoder_3", "tokenizer_3")
+    pipe = load_pipeline(model, torch_dtype=torch_dtype, without=without, call=call)
+    return wrap_pipeline(pipe, guidance_scale, num_steps, noise)
 
 
 def peek_family(model: str) -> str | None:

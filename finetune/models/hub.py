@@ -38,10 +38,13 @@ def resolve(name_or_path: str | os.PathLike) -> str:
     return text
 
 
-def load_pipeline(name_or_path: str, torch_dtype=None, lora: str | os.PathLike | None = None):
+def load_pipeline(name_or_path: str, torch_dtype=None, lora: str | os.PathLike | None = None,
+                  without: tuple[str, ...] = (), call: dict | None = None):
     """Load any diffusers text-to-image pipeline; the class comes from its model_index.json.
 
     ``lora``: a folder written by training (``output_dir/lora``), loaded with ``load_lora_weights``.
+    ``without``: components not to load (e.g. SD3's T5: ``("text_encoder_3", "tokenizer_3")``).
+    ``call``: call keyword arguments (height, width, max_sequence_length) over the folder's own.
     """
     from diffusers import DiffusionPipeline
 
@@ -57,6 +60,8 @@ def load_pipeline(name_or_path: str, torch_dtype=None, lora: str | os.PathLike |
         if components.get("_class_name") == "StableDiffusion3Pipeline":
             kwargs.update({k: None for k in ("text_encoder_3", "tokenizer_3") if k not in components})
         declared = components.get(CALL_KWARGS_KEY, {})
+    kwargs.update({name: None for name in without})
+    declared = {**declared, **(call or {})}
     if torch_dtype is not None:
         kwargs[dtype_keyword()] = torch_dtype
     try:

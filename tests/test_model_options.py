@@ -1,0 +1,55 @@
+"""model.resolution, model.text_encoder_3 and model.max_sequence_length reach the loaded pipeline."""
+
+import torch
+from transformers import T5Config, T5EncoderModel
+
+from finetune.models import load_policy, tiny
+from finetune.models.hub import save_pipeline
+from finetune.rollout import sample
+from tests.helpers import tiny_sd, tiny_sd3
+
+
+def test_resolution_sets_the_latent_size_of_training_and_sampling(tmp_path):
+    tiny_sd().save_pretrained(tmp_path / "sd")
+    native = load_policy(str(tmp_path / "sd"), num_steps=2)
+    policy = load_policy(str(tmp_path / "sd"), num_steps=2, resolution=32)
+    c, h, w = native.latent_shape()
+    assert policy.latent_shape() == (c, 2 * h, 2 * w)
+    images = sample(policy, ["a photo of a red circle"], policy.initial_noise([0]), stochastic=False).images
+    assert images.shape[-2:] == (32, 32)
+
+
+def test_sd3_without_t5_loads_no_t5_and_keeps_the_t5_positions_as_zeros(tmp_path):
+    pipe = tiny_sd3()
+    width = pipe.transformer.config.joint_attention_dim
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tiny.t5_tokenizer()), d_model=width, d_kv=8, d_ff=width,
+                                 num_layers=1, num_heads=2, relative_attention_num_buckets=8))
+    pipe.register_modules(text_encoder_3=t5, tokenizer_3=tiny.t5_tokenizer())
+    save_pipeline(pipe, tmp_path / "sd3")
+    full = load_policy(str(tmp_path / "sd3"), num_steps=2, max_sequence_length=8)
+    light = load_policy(str(tmp_path / "sd3"), num_steps=2, max_sequence_length=8, text_encoder_3=False)
+    assert full.pipe.text_encoder_3 is not None and light.pipe.text_encoder_3 is None
+    prompts = ["a photo of a red circle"]
+    with_t5, without_t5 = full.encode(prompts)["embeds"], light.encode(prompts)["embeds"]
+    assert with_t5.shape == without_t5.shape  # CLIP + 8 T5 positions either way
+    assert torch.equal(without_t5[:, -8:], torch.zeros_like(without_t5[:, -8:]))
+    assert not torch.equal(with_t5[:, -8:], torch.zeros_like(with_t5[:, -8:]))
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tmp_path):
+    from finetune.config import load_config
+    from finetune.trainer import Trainer
+    from tests.helpers import FAST
+
+    tiny_sd().save_pretrained(tmp_path / "sd")
+    weights = []
+    for checkpointing in (False, True):
+        cfg = load_config("configs/ddpo_shapes_sd.yaml", FAST + [
+            f"model.path={tmp_path / 'sd'}", f"output_dir={tmp_path / str(checkpointing)}", "train.epochs=1",
+            "train.lr=1e-2", f"train.gradient_checkpointing={str(checkpointing).lower()}"])
+        trainer = Trainer(cfg)
+        assert trainer.policy.denoiser.is_gradient_checkpointing == checkpointing
+        trainer.train()
+        weights.append({n: p.detach().clone() for n, p in trainer.trainable_state().items()})
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=1e-4, atol=1e-6)
