@@ -230,7 +230,8 @@ RECIPES = [
                   "LoRAAttnProcessor (default rank 4) on to_q/to_k/to_v/to_out of every attention"),
     Recipe("sd15_ddpo_dgx", "SD1.5 + DDPO, dgx.py (full FT recipe)", "sd15", train_batch=4, cfg=True,
            resolution=512, lora_rank=4, lora_alpha=4, lora_targets=SD_ATTN,
-           source="kvablack/ddpo-pytorch config/dgx.py: use_lora=False, train.batch_size=4 (8 GPUs); LoRA rows "
+           source="kvablack/ddpo-pytorch config/dgx.py: train.batch_size=4 (8 GPUs; an older revision trained "
+                  "without LoRA, the current one with it); LoRA rows "
                   "use base.py's adapter at this batch for comparison"),
     Recipe("sdxl_ddpo", "SDXL base 1.0 + DDPO", "sdxl", train_batch=1, cfg=True, resolution=1024,
            lora_rank=4, lora_alpha=4, lora_targets=SD_ATTN,
@@ -253,7 +254,8 @@ RECIPES = [
            lora_rank=32, lora_alpha=64, lora_targets=SD3_ATTN, t5_tokens=128, ema=True, old_copy=True,
            kl_reference=True,
            source="scxue/advantage_weighted_matching config/dgx_awm.py geneval_sd3_no_cfg_1node: train.batch_size 3, "
-                  "resolution 512, guidance_scale 1.0, train.beta=0.003, ema_beta=1 (proximal EMA copy), "
+                  "resolution 512, guidance_scale 1.0, train.beta=0.001 (0.003 is its OCR config), "
+                  "ema_beta=1 (proximal EMA copy), "
                   "train.ema=True, lora_type attn; scripts/train_sd3_awm.py: LoraConfig(r=32, lora_alpha=64), "
                   "max_sequence_length=128"),
     Recipe("flux_flow_grpo", "FLUX.1-dev + Flow-GRPO", "flux", train_batch=3, cfg=False, resolution=512,
