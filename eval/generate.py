@@ -28,7 +28,7 @@ def packs_latents(pipe) -> bool:
     return hasattr(pipe, "_pack_latents")
 
 
-def image_size(pipe) -> tuple[int, int]:
+def sample_pixels(pipe) -> tuple[int, int]:
     """(height, width) in pixels of the pipeline's samples: the folder's (or ``model.resolution``'s)
     declared call keyword arguments, else the denoiser's native sample size."""
     if hasattr(pipe, "default_sample_size"):
@@ -41,7 +41,7 @@ def image_size(pipe) -> tuple[int, int]:
 
 def _unpacked_shape(pipe) -> tuple[int, int, int]:
     # As FluxPipeline.prepare_latents: the latent grid is rounded down to whole 2x2 patches.
-    height, width = image_size(pipe)
+    height, width = sample_pixels(pipe)
     scale = pipe.vae_scale_factor * 2
     return pipe.transformer.config.in_channels // 4, 2 * (height // scale), 2 * (width // scale)
 
@@ -52,7 +52,7 @@ def latent_shape(pipe) -> tuple[int, ...]:
         channels, height, width = _unpacked_shape(pipe)
         return (height // 2) * (width // 2), channels * 4
     denoiser = getattr(pipe, "unet", None) or pipe.transformer
-    height, width = image_size(pipe)
+    height, width = sample_pixels(pipe)
     return denoiser.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor
 
 

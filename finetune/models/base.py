@@ -163,6 +163,10 @@ class Policy:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.denoiser.parameters() if p.requires_grad]
 
+    def lora_metadata(self) -> dict:
+        """The adapter's config, saved beside a LoRA: without it diffusers reloads with lora_alpha = rank."""
+        return self.denoiser.peft_config["default"].to_dict()
+
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict

@@ -188,7 +188,6 @@ class FlowPolicy(Policy):
     def save_lora(self, directory):
         from peft.utils import get_peft_model_state_dict
 
-        # SD3's LoRA loader reads peft's own key names (no conversion, unlike the UNet's); the adapter's
-        # config goes along as metadata, without which diffusers would load it with lora_alpha = rank.
+        # SD3's LoRA loader reads peft's own key names (no conversion, unlike the UNet's).
         self.pipe.save_lora_weights(directory, transformer_lora_layers=get_peft_model_state_dict(self.denoiser),
-                                    transformer_lora_adapter_metadata=self.denoiser.peft_config["default"].to_dict())
+                                    transformer_lora_adapter_metadata=self.lora_metadata())

@@ -37,11 +37,11 @@ class FluxPolicy(FlowPolicy):
                     "ff_context.net.2")
 
     def __init__(self, pipe, guidance_scale: float = 3.5, num_steps: int = 28, noise_level: float = 0.7):
-        from eval.generate import image_size
+        from eval.generate import sample_pixels
 
         super().__init__(pipe, guidance_scale, num_steps, noise_level)
         self.max_sequence_length = call_kwargs(pipe).get("max_sequence_length", 512)  # FluxPipeline's default
-        self.height, self.width = image_size(pipe)
+        self.height, self.width = sample_pixels(pipe)
 
     @property
     def use_guidance(self) -> bool:

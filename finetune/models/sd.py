@@ -181,7 +181,6 @@ class SDPolicy(Policy):
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     def save_lora(self, directory):
-        """A LoRA folder that ``load_lora_weights`` reads; the adapter's config goes along as metadata,
-        without which diffusers would load it with lora_alpha = rank."""
+        """A LoRA folder that ``load_lora_weights`` reads (with the adapter's config as metadata)."""
         self.pipe.save_lora_weights(directory, unet_lora_layers=self.lora_state_dict(), safe_serialization=True,
-                                    unet_lora_adapter_metadata=self.denoiser.peft_config["default"].to_dict())
+                                    unet_lora_adapter_metadata=self.lora_metadata())

@@ -41,8 +41,9 @@ class SDXLPolicy(SDPolicy):
 
     def time_ids(self, pooled: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(1, 6): the pipeline's defaults, original and target size the image size of our latents, no crop."""
-        _, height, width = self.latent_shape()
-        size = (height * self.pipe.vae_scale_factor, width * self.pipe.vae_scale_factor)
+        from eval.generate import sample_pixels
+
+        size = sample_pixels(self.pipe)
         encoder = self.pipe.text_encoder_2
         projection = encoder.config.projection_dim if encoder is not None else int(pooled.shape[-1])
         ids = self.pipe._get_add_time_ids(size, (0, 0), size, dtype=dtype, text_encoder_projection_dim=projection)
