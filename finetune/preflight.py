@@ -59,6 +59,9 @@ def check_values(cfg: DictConfig) -> None:
     if size is not None and (not isinstance(size, int) or size <= 0 or size % 16):
         raise ValueError(f"model.resolution must be null (the model's own) or a positive multiple of 16 pixels "
                          f"(VAE downsampling x 2x2 patches), got {size!r}")
+    cache = cfg.model.get("embedding_cache", 0)
+    if not isinstance(cache, int) or isinstance(cache, bool) or cache < 0:
+        raise ValueError(f"model.embedding_cache must be a number of prompts >= 0 (0 turns the cache off), got {cache!r}")
     if int(t.ema_every) < 1:
         raise ValueError(f"train.ema_every must be >= 1 (optimizer steps between EMA updates), got {t.ema_every}")
     if int(t.get("max_nonfinite_steps", 1)) < 1:

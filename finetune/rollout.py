@@ -15,7 +15,7 @@ class Rollout:
     metadata: list[dict]
     noise: torch.Tensor  # initial latents x_T, (B, C, H, W)
     final: torch.Tensor  # x_0 latents
-    images: torch.Tensor  # decoded, (B, 3, H, W) in [0, 1]
+    images: torch.Tensor | None  # decoded, (B, 3, H, W) in [0, 1]; the trainer drops them once scored
     cond: dict[str, torch.Tensor] = field(default_factory=dict)  # prompt embeddings, reused in training
     timesteps: torch.Tensor | None = None  # (T,) the sampler's timesteps
     latents: torch.Tensor | None = None  # (B, T+1, C, H, W): x_T ... x_0 when a trajectory is recorded
@@ -37,7 +37,7 @@ def sample(policy: Policy, prompts: list[str], noise: torch.Tensor, metadata: li
     the policy gradient then comes from the steps that decide the composition, without the noise
     that the other steps' log-probs add to it.
     """
-    cond = policy.encode(prompts)
+    cond = policy.embed(prompts)
     timesteps = policy.timesteps()
     start, end = window if window is not None else (0, len(timesteps))
     random_steps = torch.zeros(len(timesteps), dtype=torch.bool)

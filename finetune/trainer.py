@@ -79,6 +79,7 @@ class Trainer:
         self.policy = load_policy(m.path, m.guidance_scale, m.num_steps, m.noise, torch_dtype=self.weight_dtype,
                                   resolution=m.get("resolution"), text_encoder_3=m.get("text_encoder_3", True),
                                   max_sequence_length=m.get("max_sequence_length"))
+        self.policy.embedding_cache_size = m.get("embedding_cache", 0)
         if cfg.train.get("gradient_checkpointing"):
             self.policy.denoiser.enable_gradient_checkpointing()
         if checked.family is None:  # a hub id that had to be downloaded: its family is known only now
@@ -179,6 +180,7 @@ class Trainer:
             out = self.reward(ro.images, ro.prompts, ro.metadata)
             scores.append(check_finite(out.scores.float(), self.reward.name))
             infos.append(out.info)
+            ro.images = None  # scored: the decoded images are not needed again (GPU memory at 1024 px)
             parts.append(ro)
         rollout = concat(parts)
         rewards = torch.cat(scores)

@@ -1,4 +1,4 @@
-"""model.resolution, model.text_encoder_3 and model.max_sequence_length reach the loaded pipeline."""
+"""model.resolution, text_encoder_3, max_sequence_length, embedding_cache and gradient checkpointing reach the run."""
 
 import torch
 from transformers import T5Config, T5EncoderModel
@@ -50,6 +50,51 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path):
         trainer = Trainer(cfg)
         assert trainer.policy.denoiser.is_gradient_checkpointing == checkpointing
         trainer.train()
+        weights.append({n: p.detach().clone() for n, p in trainer.trainable_state().items()})
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_embedding_cache_encodes_each_prompt_once_and_serves_the_same_rows():
+    from finetune.models import wrap_pipeline
+
+    policy = wrap_pipeline(tiny_sd3(), guidance_scale=4.0, num_steps=2)
+    calls = []
+    encode = policy.encode
+    policy.encode = lambda prompts: calls.append(list(prompts)) or encode(prompts)
+    a, b, c = "a photo of a red circle", "a photo of a blue square", "a photo of a green triangle"
+    fresh = encode([a, b, a])
+    policy.embedding_cache_size = 2
+    cached = policy.embed([a, b, a])
+    assert calls == [[a, b]]  # one text-encoder pass for the two distinct prompts
+    assert set(cached) == set(fresh) == {"embeds", "pooled", "neg", "neg_pooled"}
+    for key in fresh:
+        torch.testing.assert_close(cached[key], fresh[key])
+    policy.embed([b, a])
+    assert calls == [[a, b]]  # both served from the cache
+    policy.embed([c])  # evicts b, the least recently used
+    policy.embed([a])
+    policy.embed([b])
+    assert calls == [[a, b], [c], [b]]
+    policy.guidance_scale = 1.0  # without CFG a row has no negative embeddings: a separate entry
+    assert set(policy.embed([b])) == {"embeds", "pooled"}
+    assert calls[-1] == [b]
+
+
+def test_training_with_the_embedding_cache_trains_the_same_weights(tmp_path):
+    from finetune.config import load_config
+    from finetune.trainer import Trainer
+    from tests.helpers import FAST
+
+    tiny_sd().save_pretrained(tmp_path / "sd")
+    weights = []
+    for cache in (0, 64):
+        cfg = load_config("configs/ddpo_shapes_sd.yaml", FAST + [
+            f"model.path={tmp_path / 'sd'}", f"output_dir={tmp_path / str(cache)}", "train.epochs=2",
+            "train.lr=1e-2", f"model.embedding_cache={cache}"])
+        trainer = Trainer(cfg)
+        trainer.train()
+        assert bool(trainer.policy._embeddings) == bool(cache)
         weights.append({n: p.detach().clone() for n, p in trainer.trainable_state().items()})
     for name, value in weights[0].items():
         torch.testing.assert_close(weights[1][name], value, rtol=1e-4, atol=1e-6)

@@ -42,6 +42,7 @@ def check(tmp_path, *overrides):
     (["train.max_nonfinite_steps=0"], r"train.max_nonfinite_steps must be >= 1"),
     (["checkpoint.keep=-1"], r"checkpoint.keep must be >= 0"),
     (["model.resolution=100"], r"model.resolution must be null .* multiple of 16"),
+    (["model.embedding_cache=-1"], r"model.embedding_cache must be a number of prompts >= 0"),
     (["sample.group_size=0"], r"sample.group_size must be >= 1"),
 ])
 def test_bad_settings_fail_before_the_model_loads(tmp_path, overrides, message):

@@ -8,6 +8,7 @@ with the batch first, so objectives can slice it like the latents.
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,9 @@ class Policy:
         # What forward() calls: the denoiser itself, or its distributed wrapper while training.
         self.net = self.denoiser
         self._frozen_reference = None
+        # Prompt embeddings kept per (prompt, guidance) row, least recently used evicted; 0 = off.
+        self.embedding_cache_size = 0
+        self._embeddings: OrderedDict[tuple[str, bool], dict[str, torch.Tensor]] = OrderedDict()
 
     # -- what each family implements -------------------------------------------------------
     @property
@@ -97,6 +101,31 @@ class Policy:
         raise NotImplementedError
 
     # -- shared ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """``encode``, served from the embedding cache when ``embedding_cache_size`` > 0.
+
+        The text encoders are frozen, so a prompt's embeddings never change during a run: with a
+        prompt set that repeats across epochs (every RL recipe) only the first visit pays for the
+        text encoders (for T5-XXL the largest forward of a step). Rows pad to the tokenizers' fixed
+        length, so cached and fresh rows stack.
+        """
+        if not self.embedding_cache_size:
+            return self.encode(prompts)
+        keys = [(p, self.use_guidance) for p in prompts]
+        missing = list(dict.fromkeys(k[0] for k in keys if k not in self._embeddings))
+        if missing:
+            fresh = self.encode(missing)
+            for i, prompt in enumerate(missing):
+                self._embeddings[(prompt, self.use_guidance)] = {k: v[i:i + 1].clone() for k, v in fresh.items()}
+        rows = []
+        for key in keys:
+            self._embeddings.move_to_end(key)
+            rows.append(self._embeddings[key])
+        while len(self._embeddings) > self.embedding_cache_size:
+            self._embeddings.popitem(last=False)
+        return {k: torch.cat([row[k] for row in rows]) for k in rows[0]}
+
     @property
     def device(self) -> torch.device:
         return next(self.denoiser.parameters()).device
