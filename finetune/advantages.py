@@ -53,3 +53,25 @@ class PerPromptStatTracker:
 def clip_advantages(advantages, max_abs: float):
     """Clamp to [-max_abs, max_abs] (DDPO's ``adv_clip_max``)."""
     return advantages.clamp(-max_abs, max_abs) if hasattr(advantages, "clamp") else np.clip(advantages, -max_abs, max_abs)
+
+
+def contiguous_groups(values, group_size: int, what: str = "rewards"):
+    """(N, ...) -> (N / group_size, group_size, ...): the groups the rollouts were sampled in."""
+    if group_size < 2 or len(values) % group_size:
+        raise ValueError(f"{len(values)} {what} do not split into groups of sample.group_size={group_size} "
+                         f"(it must be >= 2: a group is its own baseline)")
+    return values.reshape(-1, group_size, *values.shape[1:])
+
+
+def leave_one_out(rewards, group_size: int):
+    """REINFORCE's leave-one-out baseline: A_i = r_i - mean_{j != i} r_j within each group (RLOO, LOOP)."""
+    groups = contiguous_groups(rewards, group_size)
+    others = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others).reshape(rewards.shape)
+
+
+def group_normalize(rewards, group_size: int, eps: float = 1e-8):
+    """(r - mean_group) / (std_group + eps) within each group, per column of (N, M) rewards; the
+    std is the unbiased one (torch.std), as the reference code of Granular-GRPO uses."""
+    groups = contiguous_groups(rewards, group_size)
+    return ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + eps)).reshape(rewards.shape)

@@ -152,10 +152,10 @@ def cmd_diagnose_snr(args) -> None:
     cfg = load_config(args.config, ["eval.every=0", "log.tensorboard=false", "log.wandb=false", "resume=false",
                                     f"output_dir={args.out}", *args.overrides])
     r = measure(cfg, args.batches, per_step=args.per_step)
-    n = cfg.sample.groups_per_epoch * cfg.sample.group_size
+    n = r["reward_calls"]
     print(f"{cfg.objective.name} on {cfg.model.path}, reward {cfg.reward if isinstance(cfg.reward, str) else dict(cfg.reward)}")
     print(f"mean training reward {r['reward_mean']:.3f}, gradient norm {r['gradient_norm']:.3g}")
-    print(f"cosine between independent {n}-sample epoch gradients: {r['mean_cos']:.3f} ± {r['cos_sem']:.3f} "
+    print(f"cosine between independent epoch gradients of {n} reward calls each: {r['mean_cos']:.3f} ± {r['cos_sem']:.3f} "
           f"({len(r['cosines'])} pairs)")
     print(f"per-sample SNR {r['per_sample_snr']:.2e}; samples per optimizer step for SNR 1: "
           f"{r['samples_for_snr_1']:.0f}")

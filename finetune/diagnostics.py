@@ -21,13 +21,16 @@ import torch
 
 
 def epoch_gradient(trainer, epoch: int) -> tuple[torch.Tensor, float]:
-    """The objective's gradient over one epoch's rollouts (all minibatches, no update); mean reward."""
+    """The objective's gradient over one epoch's rollouts (all minibatches, no update); mean reward.
+
+    Sets ``trainer.reward_calls``: the images scored this epoch on this process (an objective that
+    scores several completions per trained sample, as G²RPO, pays for all of them).
+    """
     rollout, advantages, stats = trainer.collect(epoch)
+    trainer.reward_calls = rollout.rewards.numel()
     trainer.policy.net = trainer.net
     trainer.objective.start_epoch()
-    needs_trajectory = "trajectory" in trainer.objective.needs
-    batches = (trainer.sampler_step_batches if needs_trajectory else trainer.forward_process_batches)(
-        epoch, rollout, advantages)
+    batches = trainer.objective.batches(trainer.context(epoch), rollout, advantages)
     for p in trainer.params:
         p.grad = None
     count = 0
@@ -55,9 +58,9 @@ def epoch_step_gradients(trainer, epoch: int) -> tuple[torch.Tensor, float]:
     Rows of deterministic steps are zero.
     """
     if "trajectory" not in trainer.objective.needs:
-        raise ValueError(f"--per-step needs an objective trained on sampler steps (ddpo, flow_grpo), "
-                         f"not {trainer.cfg.objective.name!r}")
-    from finetune.trainer import step_batch
+        raise ValueError(f"--per-step needs an objective trained on every recorded sampler step (ddpo, "
+                         f"flow_grpo, loop), not {trainer.cfg.objective.name!r}")
+    from finetune.batches import step_batch
 
     rollout, advantages, stats = trainer.collect(epoch)
     trainer.policy.net = trainer.net
@@ -111,12 +114,13 @@ def measure(cfg, batches: int = 4, first_epoch: int = 1000, per_step: bool = Fal
 
     trainer = Trainer(cfg)
     s = cfg.sample
-    n = s.groups_per_epoch * s.group_size * trainer.accelerator.num_processes
+    trainer.reward_calls = s.groups_per_epoch * s.group_size
     gradients, rewards = [], []
     for k in range(batches):
         g, r = (epoch_step_gradients if per_step else epoch_gradient)(trainer, first_epoch + k)
         gradients.append(g)
         rewards.append(r)
+    n = trainer.reward_calls * trainer.accelerator.num_processes  # samples (reward calls) per gradient
     if per_step:
         rows = torch.stack(gradients)  # (batches, T, P)
         steps = [{**snr(list(rows[:, k]), n), "norm": float(rows[:, k].norm(dim=1).mean())}
@@ -127,5 +131,6 @@ def measure(cfg, batches: int = 4, first_epoch: int = 1000, per_step: bool = Fal
     if per_step:
         result.update(steps=steps, first=first)
     result["reward_mean"] = float(np.mean(rewards))
+    result["reward_calls"] = n
     result["gradient_norm"] = float(np.mean([float(g.norm()) for g in gradients]))
     return result

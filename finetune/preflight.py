@@ -71,12 +71,9 @@ def check_values(cfg: DictConfig) -> None:
             raise ValueError(f"sample.{key} must be >= 1, got {s[key]}")
     if cfg.checkpoint.keep < 0:
         raise ValueError(f"checkpoint.keep must be >= 0 (0 keeps every checkpoint), got {cfg.checkpoint.keep}")
-    samples, per_step = s.groups_per_epoch * s.group_size, t.batch_size * t.gradient_accumulation_steps
-    if t.batch_size < 1 or t.gradient_accumulation_steps < 1 or samples % per_step:
-        raise ValueError(
-            f"sample.groups_per_epoch x sample.group_size = {samples} samples per process per epoch must be a "
-            f"multiple of train.batch_size x train.gradient_accumulation_steps = {per_step} (samples per "
-            "optimizer step), or the last minibatches' gradients would be dropped; change one of them")
+    if t.batch_size < 1 or t.gradient_accumulation_steps < 1:
+        raise ValueError(f"train.batch_size and train.gradient_accumulation_steps must be >= 1, "
+                         f"got {t.batch_size} and {t.gradient_accumulation_steps}")
 
 
 def check_output_dir(cfg: DictConfig) -> None:
@@ -102,6 +99,7 @@ def preflight(cfg: DictConfig) -> Checked:
     family = peek_family(cfg.model.path)
     options = dict(cfg.objective)
     objective = build_objective(options.pop("name"), family, **options)
+    objective.check_batching(cfg)
     if cfg.model.get("sde_type") and family == "sd":
         raise ValueError(f"model.sde_type={cfg.model.sde_type!r} applies to flow models; {cfg.model.path} is an "
                          f"epsilon model (its DDIM step is set by model.noise, the eta)")

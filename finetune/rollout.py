@@ -21,6 +21,8 @@ class Rollout:
     latents: torch.Tensor | None = None  # (B, T+1, C, H, W): x_T ... x_0 when a trajectory is recorded
     log_probs: torch.Tensor | None = None  # (B, T): log p(x_{t-1} | x_t) of each recorded step
     stochastic_steps: torch.Tensor | None = None  # (B, T) bool: which steps sampled from the policy's noise
+    rewards: torch.Tensor | None = None  # (B,), or (B, M) when an objective scores M completions per sample
+    reward_info: dict[str, torch.Tensor] = field(default_factory=dict)  # the reward's per-sample extras
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -71,5 +73,6 @@ def concat(parts: list[Rollout]) -> Rollout:
         noise=cat("noise"), final=cat("final"), images=cat("images"),
         cond={k: torch.cat([p.cond[k] for p in parts]) for k in parts[0].cond},
         timesteps=parts[0].timesteps, latents=cat("latents"), log_probs=cat("log_probs"),
-        stochastic_steps=cat("stochastic_steps"),
+        stochastic_steps=cat("stochastic_steps"), rewards=cat("rewards"),
+        reward_info={k: torch.cat([p.reward_info[k] for p in parts]) for k in parts[0].reward_info},
     )

@@ -1,6 +1,8 @@
 """The RL fine-tuning loop: sample -> reward -> advantages -> inner epochs of objective.loss.
 
-Reads top to bottom like a recipe. Works unchanged under ``accelerate launch`` with several
+Reads top to bottom like a recipe. What is collected, how rewards become advantages and how the
+rollout is cut into minibatches are the objective's hooks (finetune/objectives/base.py); the loop
+around them is the same for all. Works unchanged under ``accelerate launch`` with several
 processes: each process samples its own prompt groups, rewards and prompts are gathered so that
 every process computes the same per-prompt advantages, and gradients are averaged by DDP, or by
 DeepSpeed ZeRO-2 (what that needs lives in finetune/distributed.py).
@@ -21,39 +23,25 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object, set_seed
 from diffusers.training_utils import EMAModel, cast_training_params
-from diffusers.utils.torch_utils import randn_tensor
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from finetune import checkpoint, distributed
 from finetune.advantages import PerPromptStatTracker
+from finetune.collect import PROMPTS, EpochContext
+from finetune.evaluation import evaluate_geneval
 from finetune.models import load_policy
-from finetune.models.base import select
 from finetune.models.hub import save_pipeline
 from finetune.objectives import build_objective
 from finetune.preflight import mixed_precision, preflight
 from finetune.report import flat_hparams, plot_curves
-from finetune.rollout import Rollout, concat, sample
-from rewards.base import check_finite
+from finetune.rollout import Rollout
 
 
 def weight_dtype(dtype: str | None, mixed_precision: str) -> torch.dtype:
     """``model.dtype``, or by default the dtype of accelerate's mixed precision (fp32 without it)."""
     name = dtype or {"bf16": "bf16", "fp16": "fp16"}.get(mixed_precision, "fp32")
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def epoch_generator(seed: int, epoch: int, rank: int, purpose: int) -> torch.Generator:
-    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1009 + rank) * 17 + purpose)
-
-
-def step_batch(rollout: Rollout, advantages: torch.Tensor, idx: torch.Tensor, k: torch.Tensor) -> dict:
-    """The recorded transition x_t -> x_prev of sampler step ``k[i]`` of each sample ``idx[i]``."""
-    return {
-        "x_t": rollout.latents[idx, k], "x_prev": rollout.latents[idx, k + 1],
-        "t": rollout.timesteps[k], "old_log_prob": rollout.log_probs[idx, k],
-        "advantages": advantages[idx], "cond": select(rollout.cond, idx),
-    }
 
 
 class Trainer:
@@ -152,64 +140,30 @@ class Trainer:
         self.accelerator.print(f"resumed from {folder} at epoch {self.start_epoch}")
 
     # -- one epoch ----------------------------------------------------------------------------
+    def context(self, epoch: int) -> EpochContext:
+        return EpochContext(self.cfg, epoch, self.policy, self.reward, self.accelerator, self.tracker)
+
     def collect(self, epoch: int) -> tuple[Rollout, torch.Tensor, dict]:
-        """Sample this process's prompt groups, score them, and turn rewards into advantages."""
-        s, acc = self.cfg.sample, self.accelerator
-        rng = random.Random(int(epoch_generator(self.cfg.seed, epoch, acc.process_index, 0).initial_seed()))
+        """Sample this process's prompt groups, score them (the objective's ``collect``), and turn
+        every process's rewards into advantages (its ``advantages``)."""
+        s, acc, ctx = self.cfg.sample, self.accelerator, self.context(epoch)
+        rng = random.Random(int(ctx.generator(PROMPTS).initial_seed()))
         groups = [self.pick_prompt(rng) for _ in range(s.groups_per_epoch)]
-        records = [r for r in groups for _ in range(s.group_size)]
-        gen = epoch_generator(self.cfg.seed, epoch, acc.process_index, 1)
         self.policy.net = self.policy.denoiser  # sample with the bare module, outside DDP
-        parts, scores, infos = [], [], []
-        if s.get("shared_noise"):
-            # DanceGRPO's shared initial noise: a group differs only by the sampler's own noise, so
-            # its reward spread (the advantage) measures the policy's actions, not the luck of x_T.
-            group_noise = randn_tensor((len(groups), *self.policy.latent_shape()),
-                                       generator=epoch_generator(self.cfg.seed, epoch, acc.process_index, 3))
-            shared = group_noise.repeat_interleave(s.group_size, 0)
-        for i in range(0, len(records), s.batch_size):
-            chunk = records[i:i + s.batch_size]
-            if s.get("shared_noise"):
-                noise = shared[i:i + s.batch_size].to(acc.device)
-            else:
-                noise = randn_tensor((len(chunk), *self.policy.latent_shape()), generator=gen, device=acc.device)
-            with self.objective.rollout_context(self.policy), distributed.autocast(acc):
-                ro = sample(self.policy, [r["prompt"] for r in chunk], noise, chunk,
-                            trajectory="trajectory" in self.objective.needs, generator=gen,
-                            stochastic=not self.objective.deterministic_rollouts, window=self.sde_window(gen))
-            out = self.reward(ro.images, ro.prompts, ro.metadata)
-            scores.append(check_finite(out.scores.float(), self.reward.name))
-            infos.append(out.info)
-            ro.images = None  # scored: the decoded images are not needed again (GPU memory at 1024 px)
-            parts.append(ro)
-        rollout = concat(parts)
-        rewards = torch.cat(scores)
+        rollout = self.objective.collect(ctx, [r for r in groups for _ in range(s.group_size)])
         # Every process sees every prompt's rewards, so per-prompt statistics agree everywhere.
-        all_rewards = acc.gather(rewards.to(acc.device)).cpu()
+        all_rewards = acc.gather(rollout.rewards.to(acc.device)).cpu()
         all_prompts = gather_object(rollout.prompts) if acc.num_processes > 1 else rollout.prompts
-        advantages = torch.as_tensor(self.tracker.update(all_prompts, all_rewards.numpy()), dtype=torch.float32)
+        advantages = self.objective.advantages(ctx, all_prompts, all_rewards).float()
         if self.cfg.advantage.per_epoch:
             self.tracker.clear()
-        n = len(rewards)
+        n = len(rollout)
         mine = advantages[acc.process_index * n:(acc.process_index + 1) * n]
-        stats = {"reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std())}
-        for key in infos[0]:
-            stats[f"reward/{key}"] = float(acc.gather(torch.cat([i[key] for i in infos]).float().to(acc.device)).mean())
+        sample_rewards = all_rewards if all_rewards.ndim == 1 else all_rewards[:, 0]  # column 0: the samples'
+        stats = {"reward_mean": float(sample_rewards.mean()), "reward_std": float(sample_rewards.std())}
+        for key, value in rollout.reward_info.items():
+            stats[f"reward/{key}"] = float(acc.gather(value.float().to(acc.device)).mean())
         return rollout, mine.to(acc.device), stats
-
-    def sde_window(self, gen: torch.Generator) -> tuple[int, int] | None:
-        """Flow-GRPO-Fast: ``sample.sde_window_size`` consecutive stochastic steps per sampling batch,
-        starting uniformly in ``sample.sde_window_range`` (default: the first half of the steps)."""
-        size = self.cfg.sample.get("sde_window_size")
-        if not size:
-            return None
-        steps = self.cfg.model.num_steps
-        lo, hi = self.cfg.sample.get("sde_window_range") or (0, max(size, steps // 2))
-        if not (0 <= lo <= hi - size and hi <= steps):
-            raise ValueError(f"sample.sde_window_range [{lo}, {hi}] must hold a window of sample.sde_window_size "
-                             f"{size} within model.num_steps {steps}; widen the range or shrink the window")
-        start = int(torch.randint(lo, hi - size + 1, (1,), generator=gen))
-        return start, start + size
 
     def pick_prompt(self, rng: random.Random) -> dict:
         """A train prompt, uniformly, or (``prompts.balance: tag``) a tag uniformly and then one of its prompts.
@@ -223,7 +177,7 @@ class Trainer:
         return rng.choice(self.train_prompts)
 
     def optimize(self, epoch: int, rollout: Rollout, advantages: torch.Tensor) -> dict:
-        """Inner epochs of minibatches; gradients accumulate over each minibatch's training times."""
+        """The objective's minibatches (its ``batches``); gradients accumulate as they say."""
         acc = self.accelerator
         self.policy.net = self.net
         self.objective.start_epoch()
@@ -231,11 +185,7 @@ class Trainer:
         # before a resume) may leak into its first optimizer step.
         distributed.fresh_accumulation(acc, self.optimizer)
         logs: dict[str, list[float]] = {}
-        if "trajectory" in self.objective.needs:
-            batches = self.sampler_step_batches(epoch, rollout, advantages)
-        else:
-            batches = self.forward_process_batches(epoch, rollout, advantages)
-        for batch in batches:
+        for batch in self.objective.batches(self.context(epoch), rollout, advantages):
             with acc.accumulate(self.net), distributed.autocast(acc):
                 loss, info = self.objective.loss(self.policy, batch)
                 acc.backward(loss)
@@ -277,50 +227,6 @@ class Trainer:
                 f"gradient norm {float(norm):.4g}); stopped. Lower train.lr, check the reward and the model's "
                 f"dtype, or raise train.max_nonfinite_steps. Last good checkpoint: {last or 'none yet'}")
 
-    def sampler_step_batches(self, epoch: int, rollout: Rollout, advantages: torch.Tensor):
-        """(sample, recorded step) minibatches: DDPO's random timestep subset per sample."""
-        t_cfg, acc = self.cfg.train, self.accelerator
-        n, T = rollout.log_probs.shape
-        random_steps = rollout.stochastic_steps  # deterministic steps have no log-prob to train
-        if t_cfg.get("timestep_range") is not None:
-            lo, hi = t_cfg.timestep_range
-            if not 0 <= lo < hi <= T:
-                raise ValueError(f"train.timestep_range [{lo}, {hi}] must lie within the {T} sampler steps "
-                                 f"(model.num_steps) and hold at least one")
-            in_range = torch.zeros(T, dtype=torch.bool)
-            in_range[lo:hi] = True
-            random_steps = random_steps & in_range.to(random_steps.device)
-        counts = random_steps.sum(1)
-        if counts.min() != counts.max() or counts.min() == 0:
-            raise ValueError("every sample needs the same, non-zero number of stochastic steps to train on: "
-                             "check sample.sde_window_size/range against train.timestep_range")
-        n_train = max(1, int(int(counts[0]) * t_cfg.timestep_fraction))
-        gen = epoch_generator(self.cfg.seed, epoch, acc.process_index, 2)
-        distributed.set_accumulation(acc, n_train * t_cfg.gradient_accumulation_steps)
-        for _ in range(t_cfg.inner_epochs):
-            order = torch.randperm(n, generator=gen)
-            steps = self.objective.train_steps(random_steps, n_train, gen)  # (n, n_train) step indices
-            for start in range(0, n, t_cfg.batch_size):
-                idx = order[start:start + t_cfg.batch_size]
-                for j in range(n_train):
-                    yield step_batch(rollout, advantages, idx, steps[idx, j])
-
-    def forward_process_batches(self, epoch: int, rollout: Rollout, advantages: torch.Tensor):
-        """(clean sample, training time, fresh noise) minibatches for forward-process objectives."""
-        t_cfg, acc = self.cfg.train, self.accelerator
-        n = len(rollout)
-        gen = epoch_generator(self.cfg.seed, epoch, acc.process_index, 2)
-        for _ in range(t_cfg.inner_epochs):
-            order = torch.randperm(n, generator=gen)
-            for start in range(0, n, t_cfg.batch_size):
-                idx = order[start:start + t_cfg.batch_size]
-                times = self.objective.training_times(self.policy, len(idx), gen)  # (K, b)
-                distributed.set_accumulation(acc, len(times) * t_cfg.gradient_accumulation_steps)
-                x0 = rollout.final[idx]
-                for t in times:
-                    yield {"x0": x0, "eps": randn_tensor(x0.shape, generator=gen, device=x0.device),
-                           "t": t.to(x0.device), "advantages": advantages[idx], "cond": select(rollout.cond, idx)}
-
     # -- evaluation ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def ema_weights(self):
@@ -335,42 +241,13 @@ class Trainer:
         finally:
             self.ema.restore(self.params)
 
-    @torch.no_grad()
     def evaluate(self, epoch: int) -> dict:
-        """GenEval-shapes on the held-out prompts with the deterministic sampler (main process)."""
-        from eval import geneval
-        from eval.generate import image_seed
-        from eval.layout import write_prompt
-        from eval.report import folder_grid
-        from rewards.base import to_pil
-
-        e = self.cfg.eval
+        """GenEval-shapes on the held-out prompts (main process; the others return {})."""
         if not self.accelerator.is_main_process:
             return {}
-        backend = geneval.get_backend(e.backend)
-        folder = self.out / "eval" / f"epoch-{epoch:04d}"
-        jobs = [(i, j) for i in range(len(self.eval_prompts)) for j in range(e.images_per_prompt)]
-        rows, images = [], {}
         self.policy.net = self.policy.denoiser
-        train_steps, self.policy.num_steps = self.policy.num_steps, e.num_steps
-        train_guidance = self.policy.guidance_scale
-        if e.get("guidance_scale") is not None:
-            self.policy.guidance_scale = e.guidance_scale
-        for start in range(0, len(jobs), self.cfg.sample.batch_size * 2):
-            chunk = jobs[start:start + self.cfg.sample.batch_size * 2]
-            noise = self.policy.initial_noise([image_seed(e.seed, i, j) for i, j in chunk])
-            with distributed.autocast(self.accelerator):
-                ro = sample(self.policy, [self.eval_prompts[i]["prompt"] for i, _ in chunk], noise, stochastic=False)
-            for (i, j), image in zip(chunk, to_pil(ro.images)):
-                rows.append(geneval.evaluate_image(backend, image, self.eval_prompts[i], f"{i:05d}/samples/{j:04d}.png"))
-                images.setdefault(i, []).append(image)
-        self.policy.num_steps, self.policy.guidance_scale = train_steps, train_guidance
-        for i, ims in images.items():
-            write_prompt(folder / "images", i, self.eval_prompts[i], ims)
-        summary = geneval.write_results(rows, folder / "results.jsonl")
-        folder_grid(folder / "images", folder / "grid.png")
-        return {"geneval_overall": summary["overall"], "geneval_overall_se": summary["overall_se"],
-                **{f"geneval/{k}": v["score"] for k, v in summary["tasks"].items()}}
+        return evaluate_geneval(self.policy, self.accelerator, self.eval_prompts, self.cfg.eval,
+                                self.cfg.sample.batch_size * 2, self.out / "eval" / f"epoch-{epoch:04d}")
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self) -> list[dict]:

@@ -46,7 +46,7 @@ def test_epoch_gradients_are_reproducible_and_leave_weights_alone(tmp_path):
     assert a.norm() > 0 and not torch.equal(a, c)
     assert all(torch.equal(p, q) for p, q in zip(trainer.params, before))
     assert all(p.grad is None for p in trainer.params)
-    with pytest.raises(ValueError, match="--per-step needs an objective trained on sampler steps"):
+    with pytest.raises(ValueError, match="--per-step needs an objective trained on every recorded sampler step"):
         epoch_step_gradients(trainer, 3)  # NFT trains on the forward process
 
 

@@ -44,6 +44,12 @@ def check(tmp_path, *overrides):
     (["model.resolution=100"], r"model.resolution must be null .* multiple of 16"),
     (["model.embedding_cache=-1"], r"model.embedding_cache must be a number of prompts >= 0"),
     (["sample.group_size=0"], r"sample.group_size must be >= 1"),
+    (["objective.name=loop", "sample.group_size=1", "sample.groups_per_epoch=8"],
+     r"objective loop needs sample.group_size >= 2"),
+    (["model.path=shapes-flow", "objective.name=g2rpo", "sample.group_size=1"],
+     r"objective g2rpo needs sample.group_size >= 2"),
+    (["model.path=shapes-flow", "objective.name=g2rpo", "train.gradient_accumulation_steps=2"],
+     r"objective g2rpo trains 5 branching steps per epoch, not a multiple of train.gradient_accumulation_steps=2"),
 ])
 def test_bad_settings_fail_before_the_model_loads(tmp_path, overrides, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):

@@ -11,8 +11,9 @@ from finetune.trainer import Trainer
 from tests.helpers import FAST, save_tiny_models, tiny_on_responsive_vae
 
 CONFIGS = {"sd": "configs/ddpo_shapes_sd.yaml", "flow": "configs/flow_grpo_shapes_flow.yaml",
-           "nft": "configs/nft_shapes_flow.yaml", "awm": "configs/awm_shapes_flow.yaml"}
-FAMILY = {"sd": "sd", "flow": "flow", "nft": "flow", "awm": "flow"}
+           "nft": "configs/nft_shapes_flow.yaml", "awm": "configs/awm_shapes_flow.yaml",
+           "loop": "configs/loop_shapes_sd.yaml", "g2rpo": "configs/g2rpo_shapes_flow.yaml"}
+FAMILY = {"sd": "sd", "flow": "flow", "nft": "flow", "awm": "flow", "loop": "sd", "g2rpo": "flow"}
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +96,8 @@ def test_a_non_finite_reward_stops_the_run_by_name(models, tmp_path):
     ("flow", ["objective.kl_beta=0.0", "objective.clip_range=0.2", "lora.enabled=false", "train.lr=3e-3", "train.epochs=24"]),
     ("nft", ["train.gradient_accumulation_steps=1", "lora.enabled=false", "train.lr=3e-3", "train.epochs=24"]),
     ("awm", ["train.gradient_accumulation_steps=2", "lora.enabled=false", "train.lr=3e-3", "train.epochs=24"]),
+    ("loop", ["lora.enabled=false", "train.lr=1e-3", "objective.clip_range=0.2", "train.epochs=24"]),
+    ("g2rpo", ["objective.clip_range=0.2", "lora.enabled=false", "train.lr=3e-3", "train.epochs=32"]),
 ])
 def test_brightness_reward_rises(tmp_path, family, extra):
     """A short real run on a tiny random denoiser (on a trained VAE): the pixel reward must go up."""
@@ -162,7 +165,7 @@ def test_sde_window_samples_and_trains_only_its_steps(models, tmp_path, family):
                                     rollout.timesteps[k], rollout.latents[:1, k], noise=0.0).prev_sample
         torch.testing.assert_close(deterministic, rollout.latents[:1, k + 1], rtol=1e-4, atol=1e-5)
     window_times = {float(t) for t in rollout.timesteps[windows.any(0)]}
-    trained = [batch for batch in trainer.sampler_step_batches(0, rollout, advantages)]
+    trained = [batch for batch in trainer.objective.batches(trainer.context(0), rollout, advantages)]
     assert len(trained) == 2 * (len(rollout) // cfg.train.batch_size)  # both window steps of every sample
     for batch in trained:
         assert {float(t) for t in batch["t"].reshape(-1)} <= window_times
@@ -182,13 +185,13 @@ def test_timestep_range_trains_only_its_steps_and_keeps_sampling_stochastic(mode
     rollout, advantages, _ = trainer.collect(0)
     assert rollout.stochastic_steps.all()  # every step still explores
     allowed = {float(t) for t in rollout.timesteps[1:4]}
-    trained = list(trainer.sampler_step_batches(0, rollout, advantages))
+    trained = list(trainer.objective.batches(trainer.context(0), rollout, advantages))
     assert len(trained) == 3 * (len(rollout) // cfg.train.batch_size)  # the three steps of every sample
     seen = {float(t) for batch in trained for t in batch["t"].reshape(-1)}
     assert seen == allowed
     trainer.cfg.train.timestep_range = [4, 7]
     with pytest.raises(ValueError, match="train.timestep_range"):
-        list(trainer.sampler_step_batches(0, rollout, advantages))
+        list(trainer.objective.batches(trainer.context(0), rollout, advantages))
 
 
 def test_shared_noise_gives_each_group_one_initial_noise(models, tmp_path):

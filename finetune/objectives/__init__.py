@@ -9,6 +9,8 @@ OBJECTIVES = {
     "flow_grpo": "finetune.objectives.ddpo:FlowGRPO",
     "nft": "finetune.objectives.nft:DiffusionNFT",
     "awm": "finetune.objectives.awm:AWM",
+    "loop": "finetune.objectives.loop:LOOP",
+    "g2rpo": "finetune.objectives.g2rpo:G2RPO",
 }
 
 
@@ -29,5 +31,5 @@ def build_objective(name: str, family: str | None, **kwargs):
     if family is not None and family not in cls.families:
         raise ValueError(f"objective {name!r} needs a {' or '.join(cls.families)} model, but `model.path` is a "
                          f"{family} model; pick a matching model or objective "
-                         f"(e.g. ddpo for shapes-sd, flow_grpo, nft or awm for shapes-flow)")
+                         f"(e.g. ddpo or loop for shapes-sd, flow_grpo, g2rpo, nft or awm for shapes-flow)")
     return cls(**kwargs)

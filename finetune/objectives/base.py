@@ -7,6 +7,15 @@ Two kinds of objectives plug into the trainer:
 * forward-process objectives (``needs = ("final",)``: DiffusionNFT, AWM) train on the clean samples
   x0 only, re-noised at training times t: x_t = noised(x0, eps, t). They say which times with
   ``training_times`` and may keep an old policy (``WeightCopy``) that rollouts or ratios use.
+
+An epoch calls three hooks in turn, each with a default that the objectives above share:
+
+* ``collect(ctx, records)``: this process's scored ``Rollout`` (default: the sampler on every
+  record, finetune/collect.py). Branched rollouts, expert samples or a noise policy override it.
+* ``advantages(ctx, prompts, rewards)``: every process's rewards -> advantages (default: the
+  per-prompt normaliser, finetune/advantages.py).
+* ``batches(ctx, rollout, advantages)``: the minibatches ``loss`` trains on (default: recorded
+  sampler steps, or re-noised clean samples, finetune/batches.py).
 """
 
 from __future__ import annotations
@@ -32,6 +41,33 @@ class Objective:
         """
         return torch.stack([torch.nonzero(row).flatten()[torch.randperm(int(row.sum()), generator=generator)]
                             for row in stochastic])[:, :k]
+
+    def check_batching(self, cfg) -> None:
+        """Refuse (before any model loads) settings whose minibatches would drop gradients."""
+        s, t = cfg.sample, cfg.train
+        samples, per_step = s.groups_per_epoch * s.group_size, t.batch_size * t.gradient_accumulation_steps
+        if samples % per_step:
+            raise ValueError(
+                f"sample.groups_per_epoch x sample.group_size = {samples} samples per process per epoch must be a "
+                f"multiple of train.batch_size x train.gradient_accumulation_steps = {per_step} (samples per "
+                "optimizer step), or the last minibatches' gradients would be dropped; change one of them")
+
+    def collect(self, ctx, records: list[dict]):
+        """This process's rollouts of ``records`` (prompt groups, contiguous), scored."""
+        from finetune.collect import sample_groups
+
+        return sample_groups(ctx, self, records)
+
+    def advantages(self, ctx, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
+        """Advantages of all processes' samples (gathered, process-major, groups contiguous)."""
+        return torch.as_tensor(ctx.tracker.update(prompts, rewards.numpy()), dtype=torch.float32)
+
+    def batches(self, ctx, rollout, advantages: torch.Tensor):
+        """The minibatches of this process's rollout that ``loss`` trains on, in order."""
+        from finetune.batches import forward_process_batches, sampler_step_batches
+
+        make = sampler_step_batches if "trajectory" in self.needs else forward_process_batches
+        return make(ctx, self, rollout, advantages)
 
     def rollout_context(self, policy):
         """Weights the rollouts are sampled with (default: the current ones)."""
