@@ -1,5 +1,5 @@
-"""Head-to-head on shapes-flow: Flow-GRPO, AWM and DiffusionNFT from the same base model, on the same
-prompt sequence, each for the same wall-clock training budget on this machine.
+"""Head-to-head on shapes-flow: Flow-GRPO, AWM, DiffusionNFT, LOOP and G²RPO from the same base
+model, on the same prompt sequence, each for the same wall-clock training budget on this machine.
 
     python launch/bench_flow_objectives.py --minutes 15 --eval-every-minutes 3
 
@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 
 RECIPES = ["configs/demo/flow_grpo_shapes_flow.yaml", "configs/demo/awm_shapes_flow.yaml",
-           "configs/demo/nft_shapes_flow.yaml"]
+           "configs/demo/nft_shapes_flow.yaml", "configs/demo/loop_shapes_flow.yaml", "configs/demo/g2rpo_shapes_flow.yaml"]
 
 
 def time_to_reach(evals: list[dict], target: float) -> float | None:

@@ -77,3 +77,18 @@ def test_gpu_recipes_hold_only_valid_keys_values_and_options():
         build_objective(options.pop("name"), family, **options)
         reward = cfg.reward if isinstance(cfg.reward, str) else cfg.reward.name
         assert reward in REGISTRY, reward  # its options need the reward's weights: checked where they exist
+
+
+def test_every_shapes_recipe_passes_the_preflight(tmp_path):
+    """Options, batching and objective/family pairs of every CPU recipe, before any model loads."""
+    import glob
+
+    from finetune.preflight import preflight
+
+    recipes = sorted(glob.glob("configs/*.yaml") + glob.glob("configs/demo/*.yaml"))
+    assert any("g2rpo" in r for r in recipes) and any("loop" in r for r in recipes)
+    for recipe in recipes:
+        if recipe.endswith("base.yaml"):
+            continue
+        checked = preflight(load_config(recipe, [f"output_dir={tmp_path / Path(recipe).stem}"]))
+        assert checked.family in ("sd", "flow"), recipe
