@@ -160,3 +160,23 @@ def test_g2rpo_surrogate_gradient_raises_the_log_prob_of_better_branches(g2rpo):
         with torch.no_grad():
             for p, value in zip(trainer.params, saved):
                 p.copy_(value)
+
+
+def test_g2rpo_one_forward_per_group_gives_the_per_row_loss_and_gradient(g2rpo):
+    trainer, rollout, advantages = g2rpo
+    policy, objective = trainer.policy, trainer.objective
+    trainer.cfg.train.batch_size = 4  # = the group size: whole groups per minibatch
+    batch = next(iter(objective.batches(trainer.context(0), rollout, advantages)))
+    trainer.cfg.train.batch_size = 3
+    assert batch["shared"] == 4 and (batch["x_t"] == batch["x_t"][:1]).all()
+    policy.net = policy.denoiser
+    results = []
+    for shared in (4, 1):
+        loss, _ = objective.loss(policy, {**batch, "shared": shared})
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in trainer.params]))
+        for p in trainer.params:
+            p.grad = None
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-7)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)

@@ -34,10 +34,14 @@ class DDPO(Objective):
         self.adv_clip_max = adv_clip_max
         self.kl_beta = kl_beta
 
+    def predict(self, policy, batch: dict) -> torch.Tensor:
+        """The policy's output on the batch's x_t (G²RPO computes it once per shared x_k)."""
+        return policy.predict(batch["x_t"], batch["t"], batch["cond"])
+
     def loss(self, policy, batch: dict) -> tuple[torch.Tensor, dict]:
         """``batch``: x_t, x_prev, t, old_log_prob, advantages (all batch-first) and cond."""
         x_t, t = batch["x_t"], batch["t"]
-        step = policy.step(policy.predict(x_t, t, batch["cond"]), t, x_t, prev_sample=batch["x_prev"])
+        step = policy.step(self.predict(policy, batch), t, x_t, prev_sample=batch["x_prev"])
         A = clip_advantages(batch["advantages"], self.adv_clip_max)
         ratio = torch.exp(step.log_prob - batch["old_log_prob"])
         loss = clipped_surrogate(A, ratio, self.clip_range)
@@ -47,7 +51,7 @@ class DDPO(Objective):
             if step.prev_sample_mean is None:
                 raise ValueError("objective.kl_beta > 0 needs a flow model (Flow-GRPO's KL); set it to 0 for DDPO")
             with torch.no_grad(), policy.reference():
-                ref = policy.step(policy.predict(x_t, t, batch["cond"]), t, x_t, prev_sample=batch["x_prev"])
+                ref = policy.step(self.predict(policy, batch), t, x_t, prev_sample=batch["x_prev"])
             dims = tuple(range(1, x_t.ndim))
             var = step.std_dev_t.reshape(-1).expand(len(x_t)) ** 2
             stochastic = var > 0  # CPS's last step is deterministic: no KL there, and no 0/0 in the gradient

@@ -131,20 +131,31 @@ class G2RPO(FlowGRPO):
         return group_normalize(rewards.double(), ctx.cfg.sample.group_size).sum(1).float()
 
     def batches(self, ctx, rollout, advantages):
-        """The branching steps in order, one optimizer step each: x_k -> x_{k+1} of every branch at k."""
-        t_cfg = ctx.cfg.train
+        """The branching steps in order, one optimizer step each: x_k -> x_{k+1} of every branch at k.
+
+        Minibatches hold whole groups where ``train.batch_size`` is a multiple of the group size, so
+        that ``predict`` runs the model once per group (``shared``): its branches share x_k.
+        """
+        t_cfg, G = ctx.cfg.train, ctx.cfg.sample.group_size
         gen = ctx.generator(BATCHES)
         k_of = rollout.stochastic_steps.float().argmax(1)
         steps = sorted(set(k_of.tolist()))
         per_step = len(rollout) // len(steps)
         distributed.set_accumulation(ctx.accelerator,
                                      math.ceil(per_step / t_cfg.batch_size) * t_cfg.gradient_accumulation_steps)
+        shared = G if t_cfg.batch_size % G == 0 else 1
         for _ in range(t_cfg.inner_epochs):
             for k in steps:
-                rows = torch.nonzero(k_of == k).flatten()
-                rows = rows[torch.randperm(len(rows), generator=gen)]
+                groups = torch.nonzero(k_of == k).flatten().reshape(-1, G)  # rollout rows come group by group
+                rows = groups[torch.randperm(len(groups), generator=gen)].flatten()
                 for start in range(0, len(rows), t_cfg.batch_size):
                     idx = rows[start:start + t_cfg.batch_size]
                     yield {"x_t": rollout.latents[idx, 0], "x_prev": rollout.latents[idx, 1],
                            "t": rollout.timesteps[k_of[idx]], "old_log_prob": rollout.log_probs[idx, 0],
-                           "advantages": advantages[idx], "cond": select(rollout.cond, idx)}
+                           "advantages": advantages[idx], "cond": select(rollout.cond, idx), "shared": shared}
+
+    def predict(self, policy, batch):
+        """One forward per group: its ``shared`` consecutive rows have the same x_k, t and prompt."""
+        s = batch["shared"]
+        out = policy.predict(batch["x_t"][::s], batch["t"][::s], select(batch["cond"], slice(None, None, s)))
+        return out.repeat_interleave(s, 0)
