@@ -31,13 +31,13 @@ class Rollout:
 @torch.no_grad()
 def sample(policy: Policy, prompts: list[str], noise: torch.Tensor, metadata: list[dict] | None = None,
            trajectory: bool = False, stochastic: bool = True, generator: torch.Generator | None = None,
-           window: tuple[int, int] | None = None) -> Rollout:
+           window: tuple[int, int] | None = None, decode: bool = True) -> Rollout:
     """Run the sampler from ``noise``; record the per-step trajectory and log-probs if asked.
 
     ``stochastic=False`` uses the deterministic sampler (DDIM eta=0 / Euler ODE). ``window=(start,
     end)`` makes only steps ``start <= i < end`` stochastic and the rest deterministic (Flow-GRPO-Fast):
     the policy gradient then comes from the steps that decide the composition, without the noise
-    that the other steps' log-probs add to it.
+    that the other steps' log-probs add to it. ``decode=False`` skips the VAE (no ``images``).
     """
     cond = policy.embed(prompts)
     timesteps = policy.timesteps()
@@ -55,7 +55,7 @@ def sample(policy: Policy, prompts: list[str], noise: torch.Tensor, metadata: li
             log_probs.append(step.log_prob)
     return Rollout(
         prompts=list(prompts), metadata=list(metadata or [{} for _ in prompts]), noise=noise, final=x,
-        images=policy.latents_to_images(x), cond=cond,
+        images=policy.latents_to_images(x) if decode else None, cond=cond,
         timesteps=timesteps if trajectory else None,
         latents=torch.stack(path, 1) if trajectory else None,
         log_probs=torch.stack(log_probs, 1) if trajectory else None,

@@ -29,13 +29,12 @@ import torch
 
 
 def advantage_schemes(rewards: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
-    from finetune.advantages import contiguous_groups, leave_one_out
+    from finetune.advantages import group_normalize, leave_one_out
 
-    groups = contiguous_groups(rewards, group_size)
     return {
         "none": rewards,
-        "batch": (rewards - rewards.mean()) / (rewards.std() + 1e-4),
-        "group": ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)).reshape(-1),
+        "batch": group_normalize(rewards, len(rewards), eps=1e-4),  # the whole batch as one group
+        "group": group_normalize(rewards, group_size, eps=1e-4),
         "leave_one_out": leave_one_out(rewards, group_size),
     }
 

@@ -89,7 +89,7 @@ class G2RPO(FlowGRPO):
         with self.rollout_context(policy), distributed.autocast(ctx.accelerator):
             for record in records[::G]:
                 anchor = sample(policy, [record["prompt"]], ctx.noise(1, gen), [record], trajectory=True,
-                                stochastic=False)
+                                stochastic=False, decode=False)  # the anchor is a path, never scored
                 for k in self.steps(len(anchor.timesteps)):
                     parts.append(self.branch(ctx, anchor, k, G, gen))
         return concat(parts)
@@ -102,7 +102,8 @@ class G2RPO(FlowGRPO):
         v = policy.predict(x_k, t, anchor.cond)  # one prediction: the branches share x_k
         step = policy.step(v.expand(expand), t, x_k.expand(expand), generator=gen)
         cond = select(anchor.cond, [0] * G)
-        x, start = step.prev_sample.to(x_k.dtype), k + 1
+        x_next = step.prev_sample.to(x_k.dtype)
+        x, start = x_next, k + 1
         if start < T:  # the first step after the branch is always at full resolution
             x, start = self.ode(policy, x, cond, [start, start + 1]), start + 1
         finals = [self.ode(policy, x, cond, ode_path(start, g, T)) for g in self.granularities]
@@ -112,7 +113,7 @@ class G2RPO(FlowGRPO):
         stochastic[:, k] = True
         return Rollout(prompts=anchor.prompts * G, metadata=anchor.metadata * G, noise=anchor.noise.expand(expand),
                        final=finals[0], images=None, cond=cond, timesteps=anchor.timesteps,
-                       latents=torch.stack([x_k.expand(expand), step.prev_sample.to(x_k.dtype)], 1),
+                       latents=torch.stack([x_k.expand(expand), x_next], 1),
                        log_probs=step.log_prob.reshape(G, 1), stochastic_steps=stochastic,
                        rewards=torch.stack(scores, 1), reward_info=infos[0])
 
