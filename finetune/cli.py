@@ -31,6 +31,19 @@ def cmd_shapes_render(args) -> None:
     print(f"rendered {len(records) * args.images_per_prompt} images to {args.out}")
 
 
+def cmd_shapes_dataset(args) -> None:
+    from finetune.expert import shapes_dataset
+
+    dataset = shapes_dataset(args.split, args.images_per_prompt, args.seed)
+    if args.format == "parquet":
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        dataset.to_parquet(str(Path(args.out) / f"{args.split}.parquet"))
+    else:
+        dataset.save_to_disk(args.out)
+    print(f"wrote {len(dataset)} (prompt, image, tag) rows of the {args.split} split to {args.out} "
+          f"(use it as data.expert={args.out})")
+
+
 def cmd_eval_geneval(args) -> None:
     from eval import geneval
     from eval.report import category_grids
@@ -258,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-per-prompt", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_shapes_render)
+    p = shapes.add_parser("dataset", help="ground-truth renders of a split as a Hugging Face dataset (expert data)")
+    p.add_argument("--split", choices=["train", "eval"], default="train")
+    p.add_argument("--out", required=True, help="folder to write (load_from_disk, or parquet with --format parquet)")
+    p.add_argument("--images-per-prompt", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", choices=["arrow", "parquet"], default="arrow")
+    p.set_defaults(func=cmd_shapes_dataset)
 
     ev = sub.add_parser("eval", help="evaluation").add_subparsers(dest="eval_command", required=True)
     p = ev.add_parser("geneval", help="GenEval with the official rules: score a folder, or generate with a model first")

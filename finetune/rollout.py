@@ -23,6 +23,7 @@ class Rollout:
     stochastic_steps: torch.Tensor | None = None  # (B, T) bool: which steps sampled from the policy's noise
     rewards: torch.Tensor | None = None  # (B,), or (B, M) when an objective scores M completions per sample
     reward_info: dict[str, torch.Tensor] = field(default_factory=dict)  # the reward's per-sample extras
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # per-sample tensors an objective's collect adds
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -75,4 +76,5 @@ def concat(parts: list[Rollout]) -> Rollout:
         timesteps=parts[0].timesteps, latents=cat("latents"), log_probs=cat("log_probs"),
         stochastic_steps=cat("stochastic_steps"), rewards=cat("rewards"),
         reward_info={k: torch.cat([p.reward_info[k] for p in parts]) for k in parts[0].reward_info},
+        extras={k: torch.cat([p.extras[k] for p in parts]) for k in parts[0].extras},
     )

@@ -85,7 +85,7 @@ class Trainer:
             if self.policy.denoiser.dtype != torch.float32:
                 self.policy.denoiser.to(torch.float32)
             self.policy.denoiser.requires_grad_(True)
-        if getattr(self.objective, "kl_beta", 0) > 0:
+        if self.objective.needs_reference:
             self.policy.freeze_reference(self.weight_dtype)
         self.params = self.policy.trainable_parameters()
         self.objective.setup(self.policy, self.params)
@@ -151,6 +151,8 @@ class Trainer:
         groups = [self.pick_prompt(rng) for _ in range(s.groups_per_epoch)]
         self.policy.net = self.policy.denoiser  # sample with the bare module, outside DDP
         rollout = self.objective.collect(ctx, [r for r in groups for _ in range(s.group_size)])
+        if not self.objective.uses_reward:  # demonstrations: nothing to score or normalise
+            return rollout, torch.zeros(len(rollout), device=acc.device), {}
         # Every process sees every prompt's rewards, so per-prompt statistics agree everywhere.
         all_rewards = acc.gather(rollout.rewards.to(acc.device)).cpu()
         all_prompts = gather_object(rollout.prompts) if acc.num_processes > 1 else rollout.prompts
@@ -255,7 +257,7 @@ class Trainer:
         self.maybe_resume()
         if acc.log_with:
             acc.init_trackers("diffrl", config=flat_hparams(OmegaConf.to_container(cfg, resolve=True)))
-        if self.start_epoch == 0 and self.evaluates and not self.history:
+        if self.start_epoch == 0 and self.evaluates and not self.history and cfg.eval.get("at_start", True):
             self.history.append({"epoch": 0, "time": 0.0, **self.evaluate(0)})
         elapsed = self.history[-1]["time"] if self.history else 0.0
         bar = tqdm(range(self.start_epoch, cfg.train.epochs), initial=self.start_epoch, total=cfg.train.epochs,
@@ -277,7 +279,8 @@ class Trainer:
             self.history.append(record)
             if acc.log_with:
                 acc.log({k: v for k, v in record.items() if isinstance(v, float)}, step=epoch + 1)
-            bar.set_postfix(reward=f"{stats['reward_mean']:.3f}")
+            if "reward_mean" in stats:
+                bar.set_postfix(reward=f"{stats['reward_mean']:.3f}")
             if (epoch + 1) % cfg.checkpoint.every == 0 or last:
                 self.save(epoch + 1)
             if stop:

@@ -34,6 +34,18 @@ report = {
 with open(f"{out}/rank{acc.process_index}.json", "w") as f:
     json.dump(report, f)
 
+# Diffusion-DRO from demonstrations (the test wrote them): each process draws its own, both encode the
+# set and write the shared latent cache, and the gradients are averaged.
+cfg = load_config("configs/dro_shapes_sd.yaml", [
+    *TINY, f"output_dir={out}/dro", f"data.expert={out}/expert", "eval.every=0", "lora.enabled=true",
+    "sample.group_size=1", "sample.groups_per_epoch=4", "train.gradient_accumulation_steps=1", "train.lr=1e-2"])
+trainer = Trainer(cfg)
+rollout, advantages, _ = trainer.collect(0)
+trainer.optimize(0, rollout, advantages)
+after = trainer.trainable_state()
+report["dro"] = {"prompts": rollout.prompts,
+                 "params": hashlib.sha256(b"".join(after[n].detach().numpy().tobytes() for n in sorted(after))).hexdigest()}
+
 # The training budget excludes evaluation on every process: the main process evaluates (here a 4 s
 # stand-in) while the others wait, and that wait must not count against the shared budget.
 cfg = load_config("configs/ddpo_shapes_sd.yaml", [

@@ -12,7 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_two_process_training_is_synchronised(tmp_path):
+    from tests.test_objective_dro_sft import write_dark_set
+
     tiny_sd().save_pretrained(tmp_path / "model")
+    write_dark_set(tmp_path / "expert")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            str(ROOT / "tests" / "dist_check.py"), str(tmp_path / "model"), str(tmp_path)]
@@ -28,6 +31,9 @@ def test_two_process_training_is_synchronised(tmp_path):
     # Different data, same parameters after the step: gradients were averaged across processes.
     assert r0["moved"] and r1["moved"]
     assert r0["params"] == r1["params"]
+    # Diffusion-DRO: each process its own demonstrations, one set of parameters after the step.
+    assert r0["dro"]["prompts"] != r1["dro"]["prompts"] and r0["dro"]["params"] == r1["dro"]["params"]
+    assert (tmp_path / "dro" / "expert_latents.safetensors").exists()
     # Both processes spent the same training budget; the main process's evaluation was not counted.
     b0, b1 = r0["budget"], r1["budget"]
     assert b0["epochs"] == b1["epochs"]

@@ -76,6 +76,10 @@ class Policy:
     def latents_to_images(self, latents: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def scale_latents(self, raw: torch.Tensor) -> torch.Tensor:
+        """A VAE encoder's latent sample -> the denoiser's latent space (the inverse of the decode's scaling)."""
+        raise NotImplementedError
+
     # The forward (noising) process, for objectives that train on x_t = noised(x0, eps, t) instead
     # of the sampler's steps. ``t`` in (0, 1] is the noise level per sample (1 = pure noise).
     def model_time(self, t: torch.Tensor) -> torch.Tensor:

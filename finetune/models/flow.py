@@ -185,6 +185,10 @@ class FlowPolicy(Policy):
         latents = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
         return (vae.decode(latents).sample.float() / 2 + 0.5).clamp(0, 1)
 
+    def scale_latents(self, raw):
+        config = self.pipe.vae.config
+        return (raw - (config.shift_factor or 0.0)) * config.scaling_factor
+
     def save_lora(self, directory):
         from peft.utils import get_peft_model_state_dict
 

@@ -96,6 +96,10 @@ class FluxPolicy(FlowPolicy):
         timesteps, _ = retrieve_timesteps(scheduler, n, self.device, sigmas=sigmas, mu=self.mu())
         return timesteps
 
+    def scale_latents(self, raw):
+        scaled = super().scale_latents(raw)
+        return self.pipe._pack_latents(scaled, *scaled.shape)
+
     def latents_to_images(self, latents):
         unpacked = self.pipe._unpack_latents(latents, self.height, self.width, self.pipe.vae_scale_factor)
         return super().latents_to_images(unpacked)

@@ -180,6 +180,9 @@ class SDPolicy(Policy):
         images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
+    def scale_latents(self, raw):
+        return raw * self.pipe.vae.config.scaling_factor
+
     def save_lora(self, directory):
         """A LoRA folder that ``load_lora_weights`` reads (with the adapter's config as metadata)."""
         self.pipe.save_lora_weights(directory, unet_lora_layers=self.lora_state_dict(), safe_serialization=True,

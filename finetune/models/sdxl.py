@@ -60,6 +60,14 @@ class SDXLPolicy(SDPolicy):
                        added_cond_kwargs={"text_embeds": inputs["pooled"], "time_ids": inputs["time_ids"]}).sample
         return self.guided(out) if guidance else out
 
+    def scale_latents(self, raw):
+        vae = self.pipe.vae
+        mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
+        if mean is None or std is None:
+            return raw * vae.config.scaling_factor
+        mean, std = (torch.tensor(v, device=raw.device).reshape(1, -1, 1, 1) for v in (mean, std))
+        return (raw - mean) * vae.config.scaling_factor / std
+
     def latents_to_images(self, latents):
         """Decode as the pipeline does: an fp16 VAE marked ``force_upcast`` (SDXL's overflows in fp16)
         decodes in fp32, also under autocast; optional per-channel latent mean and std."""

@@ -11,6 +11,8 @@ OBJECTIVES = {
     "awm": "finetune.objectives.awm:AWM",
     "loop": "finetune.objectives.loop:LOOP",
     "g2rpo": "finetune.objectives.g2rpo:G2RPO",
+    "sft": "finetune.objectives.sft:SFT",
+    "dro": "finetune.objectives.dro:DRO",
 }
 
 

@@ -11,7 +11,8 @@ Two kinds of objectives plug into the trainer:
 An epoch calls three hooks in turn, each with a default that the objectives above share:
 
 * ``collect(ctx, records)``: this process's scored ``Rollout`` (default: the sampler on every
-  record, finetune/collect.py). Branched rollouts, expert samples or a noise policy override it.
+  record, finetune/collect.py). Branched rollouts, expert samples or a noise policy override it;
+  objectives that learn from demonstrations (``uses_reward = False``) return it unscored.
 * ``advantages(ctx, prompts, rewards)``: every process's rewards -> advantages (default: the
   per-prompt normaliser, finetune/advantages.py).
 * ``batches(ctx, rollout, advantages)``: the minibatches ``loss`` trains on (default: recorded
@@ -29,6 +30,15 @@ class Objective:
     families: tuple[str, ...] = ("sd", "flow")
     needs: tuple[str, ...] = ("trajectory",)
     deterministic_rollouts = False  # True: rollouts use the ODE / DDIM eta=0 sampler
+    uses_reward = True  # False: trains on demonstrations (``data.expert``); rewards only evaluate
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether ``policy.reference()`` (the frozen base model) is used: a KL term, or the loss itself."""
+        return getattr(self, "kl_beta", 0) > 0
+
+    def prepare_data(self, cfg, eval_prompts: list[dict]) -> None:
+        """Load and check the data the objective trains on besides its rollouts (before the model loads)."""
 
     def setup(self, policy, params: list[torch.nn.Parameter]) -> None:
         """Called once the trainable parameters exist (after LoRA is added)."""
