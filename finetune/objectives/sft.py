@@ -23,6 +23,7 @@ from __future__ import annotations
 import random
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from finetune.collect import PROMPTS, EpochContext
 from finetune.objectives.base import Objective
@@ -81,7 +82,7 @@ class SFT(DemonstrationObjective):
         """(1, n) noise levels in (0, 1]: one per sample, as in pretraining."""
         kind = self.time_sampling or ("logit_normal" if policy.family == "flow" else "uniform")
         if kind == "logit_normal":
-            t = torch.sigmoid(torch.randn(n, generator=generator))
+            t = torch.sigmoid(randn_tensor((n,), generator=generator))
         else:
             t = torch.rand(n, generator=generator)
         return t.clamp(min=1e-3).reshape(1, n)
