@@ -21,6 +21,7 @@ column), and ``reward`` only matters for evaluation.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -51,8 +52,6 @@ class DemonstrationObjective(Objective):
 
     def demonstrations(self, ctx: EpochContext, n: int) -> Rollout:
         """n expert (prompt, x0) pairs for this process and epoch."""
-        from pathlib import Path
-
         if self.expert.mean is None:
             self.expert.encode(ctx.policy, Path(ctx.cfg.output_dir) / "expert_latents.safetensors")
         rng = random.Random(int(ctx.generator(PROMPTS).initial_seed()))
