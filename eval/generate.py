@@ -70,14 +70,27 @@ def initial_noise(pipe, seeds: list[int], device=None) -> torch.Tensor:
     return pipe._pack_latents(noise, len(seeds), *shape)
 
 
+def seeded_starts(pipe, noise_policy=None):
+    """(seeds, prompts) -> x_T: each seed's noise, moved into its learned x_T if a noise policy is given."""
+    if noise_policy is None:
+        return lambda seeds, prompts: initial_noise(pipe, seeds)
+    from finetune.models import wrap_pipeline
+
+    encoder = wrap_pipeline(pipe, guidance_scale=1.0)  # the prompt embeddings the noise policy reads
+    return lambda seeds, prompts: noise_policy.initial_latents(encoder.encode(prompts),
+                                                               initial_noise(pipe, seeds).to(pipe.device))
+
+
 def generate(pipe, records: list[dict], out: str | Path, images_per_prompt: int = 4, seed: int = 0,
              batch_size: int = 32, progress: bool = True, prompt_indices: list[int] | None = None,
-             **sampler) -> None:
+             noise_policy=None, **sampler) -> None:
     """Write ``images_per_prompt`` samples of every record to ``out`` (GenEval layout).
 
     ``prompt_indices`` restricts the work to some prompts (a process's shard); seeds and folder
-    names still follow the prompt's index in ``records``.
+    names still follow the prompt's index in ``records``. ``noise_policy`` (a trained
+    ``finetune.noise_policy.NoisePolicy``) moves each image's seeded noise into its learned x_T.
     """
+    starts = seeded_starts(pipe, noise_policy)
     sampler = {**SHAPES_SAMPLER, **call_kwargs(pipe), **sampler}
     indices = range(len(records)) if prompt_indices is None else prompt_indices
     jobs = [(i, j) for i in indices for j in range(images_per_prompt)]
@@ -85,8 +98,8 @@ def generate(pipe, records: list[dict], out: str | Path, images_per_prompt: int 
     bar = tqdm(total=len(jobs), desc="sampling", disable=not progress)
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
-        latents = initial_noise(pipe, [image_seed(seed, i, j) for i, j in chunk])
         prompts = [records[i]["prompt"] for i, _ in chunk]
+        latents = starts([image_seed(seed, i, j) for i, j in chunk], prompts)
         result = pipe(prompt=prompts, latents=latents.to(pipe.device, pipe.dtype), **sampler)
         for (i, _), image in zip(chunk, result.images):
             images[i].append(image)

@@ -56,10 +56,22 @@ def _sampler(steps, guidance) -> dict:
     return {k: v for k, v in (("num_inference_steps", steps), ("guidance_scale", guidance)) if v is not None}
 
 
+def load_noise_policy(folder: str | None, device=None):
+    if folder is None:
+        return None
+    from finetune.noise_policy import NoisePolicy
+
+    return NoisePolicy.load(folder, device)
+
+
 def geneval_model(model: str, out: str | Path, lora: str | None = None, metadata: str | None = None,
                   backend: str | None = None, images_per_prompt: int = 4, seed: int = 0, batch_size: int = 32,
-                  steps: int | None = None, guidance: float | None = None) -> dict | None:
-    """Generate ``out/images`` (GenEval layout), score it, write ``out/results.jsonl``, a grid and per-task grids."""
+                  steps: int | None = None, guidance: float | None = None,
+                  noise_policy: str | None = None, condition: str | None = None) -> dict | None:
+    """Generate ``out/images`` (GenEval layout), score it, write ``out/results.jsonl``, a grid and per-task grids.
+
+    ``noise_policy``: a FIND run's ``output_dir/noise_policy``, which draws each image's x_T.
+    ``condition``: the class to sample with a CTRL LoRA (None: the null class)."""
     from eval import geneval
     from eval.generate import generate
     from eval.layout import iter_images, load_image
@@ -72,11 +84,12 @@ def geneval_model(model: str, out: str | Path, lora: str | None = None, metadata
     if hasattr(detector, "check_classes"):  # loads the detector: a missing model fails before generating
         detector.check_classes({c["class"] for r in records for c in r["include"]})
     state = _state()
-    pipe = load_pipeline(model, lora=lora).to(state.device)
+    starts = load_noise_policy(noise_policy, state.device)  # a bad folder fails before the model loads
+    pipe = load_pipeline(model, lora=lora, condition=condition).to(state.device)
     mine = list(range(state.process_index, len(records), state.num_processes))
     out = Path(out)
     generate(pipe, records, out / "images", images_per_prompt, seed, batch_size,
-             progress=state.is_main_process, prompt_indices=mine, **_sampler(steps, guidance))
+             progress=state.is_main_process, prompt_indices=mine, noise_policy=starts, **_sampler(steps, guidance))
     rows = [geneval.evaluate_image(detector, load_image(path), meta, filename)
             for filename, meta, path in iter_images(out / "images", prompt_indices=mine)]
     rows = sorted(_gather(rows), key=lambda r: r["filename"])
@@ -99,24 +112,27 @@ def mean_ci(values) -> dict:
 
 def reward_model(model: str, rewards: list[str], prompts: str, lora: str | None = None, images_per_prompt: int = 4,
                  seed: int = 0, batch_size: int = 32, steps: int | None = None,
-                 guidance: float | None = None) -> dict[str, dict] | None:
+                 guidance: float | None = None, noise_policy: str | None = None,
+                 condition: str | None = None) -> dict[str, dict] | None:
     """Score a model's samples of ``prompts`` with each reward: {reward: mean/std/ci95/n}."""
-    from eval.generate import SHAPES_SAMPLER, image_seed, initial_noise
+    from eval.generate import SHAPES_SAMPLER, image_seed, seeded_starts
     from finetune.models.hub import load_pipeline
     from rewards.base import build_reward, check_finite
 
     records = load_records(prompts)
     scorers = [build_reward(name) for name in rewards]  # fail before generating
     state = _state()
-    pipe = load_pipeline(model, lora=lora).to(state.device)
+    starts = load_noise_policy(noise_policy, state.device)
+    pipe = load_pipeline(model, lora=lora, condition=condition).to(state.device)
+    seeded = seeded_starts(pipe, starts)
     sampler = {**SHAPES_SAMPLER, **call_kwargs(pipe), **_sampler(steps, guidance)}
     jobs = [(i, j) for i in range(state.process_index, len(records), state.num_processes)
             for j in range(images_per_prompt)]
     scores: dict[str, list[float]] = {name: [] for name in rewards}
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
-        latents = initial_noise(pipe, [image_seed(seed, i, j) for i, j in chunk]).to(pipe.device, pipe.dtype)
         prompts_ = [records[i]["prompt"] for i, _ in chunk]
+        latents = seeded([image_seed(seed, i, j) for i, j in chunk], prompts_).to(pipe.device, pipe.dtype)
         images = pipe(prompt=prompts_, latents=latents, output_type="pt", **sampler).images
         for name, scorer in zip(rewards, scorers):
             out = scorer(images.float().clamp(0, 1), prompts_, [records[i] for i, _ in chunk])

@@ -54,17 +54,23 @@ def sampler_step_batches(ctx: EpochContext, objective, rollout: Rollout, advanta
                 yield step_batch(rollout, advantages, idx, steps[idx, j])
 
 
+def minibatch_indices(ctx: EpochContext, n: int, generator: torch.Generator):
+    """Index tensors of ``train.batch_size`` samples out of n, reshuffled for each of ``train.inner_epochs``."""
+    t_cfg = ctx.cfg.train
+    for _ in range(t_cfg.inner_epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, t_cfg.batch_size):
+            yield order[start:start + t_cfg.batch_size]
+
+
 def forward_process_batches(ctx: EpochContext, objective, rollout: Rollout, advantages: torch.Tensor):
     """(clean sample, training time, fresh noise) minibatches; the times are ``objective.training_times``."""
     t_cfg = ctx.cfg.train
     gen = ctx.generator(BATCHES)
-    for _ in range(t_cfg.inner_epochs):
-        order = torch.randperm(len(rollout), generator=gen)
-        for start in range(0, len(rollout), t_cfg.batch_size):
-            idx = order[start:start + t_cfg.batch_size]
-            times = objective.training_times(ctx.policy, len(idx), gen)  # (K, b)
-            distributed.set_accumulation(ctx.accelerator, len(times) * t_cfg.gradient_accumulation_steps)
-            x0 = rollout.final[idx]
-            for t in times:
-                yield {"x0": x0, "eps": randn_tensor(x0.shape, generator=gen, device=x0.device),
-                       "t": t.to(x0.device), "advantages": advantages[idx], "cond": select(rollout.cond, idx)}
+    for idx in minibatch_indices(ctx, len(rollout), gen):
+        times = objective.training_times(ctx.policy, len(idx), gen)  # (K, b)
+        distributed.set_accumulation(ctx.accelerator, len(times) * t_cfg.gradient_accumulation_steps)
+        x0 = rollout.final[idx]
+        for t in times:
+            yield {"x0": x0, "eps": randn_tensor(x0.shape, generator=gen, device=x0.device),
+                   "t": t.to(x0.device), "advantages": advantages[idx], "cond": select(rollout.cond, idx)}

@@ -58,7 +58,8 @@ def cmd_eval_geneval(args) -> None:
         category_grids(args.images, rows, Path(args.out).parent / "grids")
     else:
         summary = geneval_model(args.model, args.out, args.lora, args.metadata, args.backend, args.images_per_prompt,
-                                args.seed, args.batch_size, args.steps, args.guidance)
+                                args.seed, args.batch_size, args.steps, args.guidance, args.noise_policy,
+                                args.condition)
         if summary is None:  # not the main process
             return
         print(f"metadata: {args.metadata or default_metadata(args.model)}; images, results.jsonl, grid.png and grids/ (one per task) in {args.out}")
@@ -69,15 +70,17 @@ def cmd_eval_reward(args) -> None:
     from eval.run import compare_table, reward_model
 
     rewards = [r.strip() for r in args.reward.split(",") if r.strip()]
-    runs = {}
-    if args.compare or args.lora is None:
-        runs[args.model] = None
-    if args.lora is not None:
-        runs[f"{args.model} + {args.lora}"] = args.lora
+    tuned = [x for x in (args.lora, args.noise_policy) if x is not None]
+    runs = {}  # name -> (lora, noise policy)
+    if args.compare or not tuned:
+        runs[args.model] = (None, None)
+    if tuned:
+        runs[" + ".join([args.model, *tuned])] = (args.lora, args.noise_policy)
     results = {}
-    for name, lora in runs.items():
+    for name, (lora, noise_policy) in runs.items():
         stats = reward_model(args.model, rewards, args.prompts, lora, args.images_per_prompt, args.seed,
-                             args.batch_size, args.steps, args.guidance)
+                             args.batch_size, args.steps, args.guidance, noise_policy,
+                             args.condition if lora else None)
         if stats is None:  # not the main process
             return
         results[name] = stats
@@ -92,14 +95,16 @@ def cmd_eval_reward(args) -> None:
 
 def cmd_sample(args) -> None:
     from eval.generate import generate
+    from eval.run import load_noise_policy
     from eval.shapes.grammar import read_jsonl
     from finetune.models.hub import load_pipeline
 
-    pipe = load_pipeline(args.model)
+    starts = load_noise_policy(args.noise_policy)
+    pipe = load_pipeline(args.model, lora=args.lora, condition=args.condition)
     sampler = {k: v for k, v in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance))
                if v is not None}
     generate(pipe, read_jsonl(args.metadata), args.out, args.images_per_prompt, args.seed,
-             batch_size=args.batch_size, **sampler)
+             batch_size=args.batch_size, noise_policy=starts and starts.to(pipe.device), **sampler)
     print(f"sampled {args.model} into {args.out}")
 
 
@@ -253,6 +258,8 @@ def add_sampling_args(p) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default 20)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default 4.0)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--noise-policy", help="initial-noise policy from a FIND run (output_dir/noise_policy)")
+    p.add_argument("--condition", help="with a CTRL run's --lora: the class to sample (e.g. large; default: null)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -302,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="sample a model into GenEval's folder layout")
     p.add_argument("--model", required=True, help="shapes-sd, shapes-flow, a local folder or a hub id")
+    p.add_argument("--lora", help="LoRA folder from a training run (output_dir/lora) to load into --model")
     p.add_argument("--metadata", required=True)
     p.add_argument("--out", required=True)
     add_sampling_args(p)

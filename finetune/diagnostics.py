@@ -27,8 +27,9 @@ def epoch_gradient(trainer, epoch: int) -> tuple[torch.Tensor, float]:
     scores several completions per trained sample, as G²RPO, pays for all of them).
     """
     rollout, advantages, stats = trainer.collect(epoch)
-    trainer.reward_calls = rollout.rewards.numel()
-    trainer.policy.net = trainer.net
+    trainer.reward_calls = len(rollout) if rollout.rewards is None else rollout.rewards.numel()
+    if trainer.objective.trains_denoiser:
+        trainer.policy.net = trainer.net
     trainer.objective.start_epoch()
     batches = trainer.objective.batches(trainer.context(epoch), rollout, advantages)
     for p in trainer.params:
@@ -39,7 +40,10 @@ def epoch_gradient(trainer, epoch: int) -> tuple[torch.Tensor, float]:
         trainer.accelerator.backward(loss)
         count += 1
     trainer.policy.net = trainer.policy.denoiser
-    gradient = flat_grad(trainer.params) / count
+    # An auxiliary regression trained beside the policy (FIND's reward predictor) is left out: its
+    # gradient agrees across batches without saying anything about the policy's signal.
+    signal = getattr(trainer.objective, "signal_parameters", None)
+    gradient = flat_grad(signal() if signal else trainer.params) / count
     for p in trainer.params:
         p.grad = None
     return gradient, stats["reward_mean"]

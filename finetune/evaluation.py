@@ -18,9 +18,11 @@ from finetune.rollout import sample
 
 @torch.no_grad()
 def evaluate_geneval(policy: Policy, accelerator, prompts: list[dict], e: DictConfig, batch_size: int,
-                     folder: Path) -> dict:
+                     folder: Path, initial_latents=None) -> dict:
     """Score ``e.images_per_prompt`` images per prompt with ``e.num_steps`` ODE / DDIM-eta-0 steps and
-    ``e.guidance_scale`` (default: the policy's); write images, results.jsonl and a grid to ``folder``."""
+    ``e.guidance_scale`` (default: the policy's); write images, results.jsonl and a grid to ``folder``.
+
+    ``initial_latents(policy, prompts, eps)`` maps each image's seeded noise to its x_T (a noise policy)."""
     from eval import geneval
     from eval.generate import image_seed
     from eval.layout import write_prompt
@@ -38,8 +40,11 @@ def evaluate_geneval(policy: Policy, accelerator, prompts: list[dict], e: DictCo
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start:start + batch_size]
             noise = policy.initial_noise([image_seed(e.seed, i, j) for i, j in chunk])
+            texts = [prompts[i]["prompt"] for i, _ in chunk]
+            if initial_latents is not None:
+                noise = initial_latents(policy, texts, noise)
             with distributed.autocast(accelerator):
-                ro = sample(policy, [prompts[i]["prompt"] for i, _ in chunk], noise, stochastic=False)
+                ro = sample(policy, texts, noise, stochastic=False)
             for (i, j), image in zip(chunk, to_pil(ro.images)):
                 rows.append(geneval.evaluate_image(backend, image, prompts[i], f"{i:05d}/samples/{j:04d}.png"))
                 images.setdefault(i, []).append(image)

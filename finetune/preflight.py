@@ -100,6 +100,7 @@ def preflight(cfg: DictConfig) -> Checked:
     options = dict(cfg.objective)
     objective = build_objective(options.pop("name"), family, **options)
     objective.check_batching(cfg)
+    objective.check_reward(reward)
     objective.prepare_data(cfg, eval_prompts)
     if cfg.model.get("sde_type") and family == "sd":
         raise ValueError(f"model.sde_type={cfg.model.sde_type!r} applies to flow models; {cfg.model.path} is an "

@@ -78,7 +78,9 @@ class Trainer:
                 raise ValueError(f"model.sde_type={m.sde_type!r} applies to flow models; {m.path} is not one")
             self.policy.sde_type = m.sde_type
         self.policy.pipe.to(self.accelerator.device)
-        if cfg.lora.enabled:
+        if not self.objective.trains_denoiser:
+            self.policy.denoiser.requires_grad_(False)
+        elif cfg.lora.enabled:
             self.policy.add_lora(cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules)
             cast_training_params(self.policy.denoiser, torch.float32)
         else:
@@ -87,15 +89,18 @@ class Trainer:
             self.policy.denoiser.requires_grad_(True)
         if self.objective.needs_reference:
             self.policy.freeze_reference(self.weight_dtype)
-        self.params = self.policy.trainable_parameters()
+        self.module = self.objective.trained_module(self.policy).to(self.accelerator.device)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.objective.setup(self.policy, self.params)
         self.global_step = 0  # optimizer steps so far
         self.skipped_steps = self.nonfinite_in_a_row = 0  # optimizer steps skipped for NaN/inf loss or gradients
-        optimizer = torch.optim.AdamW(self.params, lr=cfg.train.lr, betas=(0.9, 0.999),
-                                      weight_decay=cfg.train.weight_decay, eps=1e-8)
+        optimizer = torch.optim.AdamW(self.objective.param_groups(self.module, cfg.train.lr), lr=cfg.train.lr,
+                                      betas=(0.9, 0.999), weight_decay=cfg.train.weight_decay, eps=1e-8)
         # Optional EMA of the trained weights for eval and export; fp32: made before prepare may cast to bf16.
         self.ema = EMAModel(self.params, decay=cfg.train.ema_decay) if cfg.train.ema_decay else None
-        self.net, self.optimizer = distributed.prepare(self.accelerator, self.policy.denoiser, optimizer, cfg.train)
+        self.net, self.optimizer = distributed.prepare(self.accelerator, self.module, optimizer, cfg.train)
+        if not self.objective.trains_denoiser:
+            self.objective.net = self.net
         a = cfg.advantage
         self.tracker = PerPromptStatTracker(a.buffer_size, a.min_count, a.global_std)
         self.history: list[dict] = []
@@ -103,7 +108,7 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p for n, p in self.policy.denoiser.named_parameters() if p.requires_grad}
+        return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
 
     def save(self, epoch: int) -> None:
         state = {"tracker": self.tracker.state_dict(), "history": self.history, "global_step": self.global_step,
@@ -181,7 +186,8 @@ class Trainer:
     def optimize(self, epoch: int, rollout: Rollout, advantages: torch.Tensor) -> dict:
         """The objective's minibatches (its ``batches``); gradients accumulate as they say."""
         acc = self.accelerator
-        self.policy.net = self.net
+        if self.objective.trains_denoiser:
+            self.policy.net = self.net
         self.objective.start_epoch()
         # Each epoch starts a fresh accumulation: nothing left over from the last epoch (or from
         # before a resume) may leak into its first optimizer step.
@@ -249,7 +255,8 @@ class Trainer:
             return {}
         self.policy.net = self.policy.denoiser
         return evaluate_geneval(self.policy, self.accelerator, self.eval_prompts, self.cfg.eval,
-                                self.cfg.sample.batch_size * 2, self.out / "eval" / f"epoch-{epoch:04d}")
+                                self.cfg.sample.batch_size * 2, self.out / "eval" / f"epoch-{epoch:04d}",
+                                initial_latents=self.objective.initial_latents)
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self) -> list[dict]:
@@ -304,14 +311,25 @@ class Trainer:
         spent = torch.tensor(float(elapsed >= 60 * self.cfg.train.max_minutes), device=self.accelerator.device)
         return bool(self.accelerator.reduce(spent, reduction="max") > 0)
 
+    def card(self) -> dict:
+        """What a model card says about this run: base, objective, reward, steps and the last evaluation."""
+        cfg = self.cfg
+        evaluated = [h for h in self.history if "geneval_overall" in h]
+        return {"base_model": cfg.model.path, "objective": OmegaConf.to_container(cfg.objective, resolve=True),
+                "reward": OmegaConf.to_container(cfg.reward, resolve=True) if not isinstance(cfg.reward, str)
+                else cfg.reward, "epochs": self.history[-1]["epoch"] if self.history else 0,
+                "optimizer_steps": self.global_step, "guidance_scale": cfg.model.guidance_scale,
+                "num_steps": cfg.eval.num_steps, "eval": [evaluated[0], evaluated[-1]] if evaluated else []}
+
     def finish(self) -> None:
         acc = self.accelerator
         if acc.is_main_process:
             with self.ema_weights():
-                if self.cfg.lora.enabled:
+                if self.objective.trains_denoiser and self.cfg.lora.enabled:
                     self.policy.save_lora(self.out / "lora")
-                else:  # full fine-tuning: a complete pipeline folder that `from_pretrained` and --model load
+                elif self.objective.trains_denoiser:  # a complete pipeline folder that `from_pretrained` and --model load
                     save_pipeline(self.policy.pipe, self.out / "model")
+                self.objective.export(self.out, self.card())
             (self.out / "history.json").write_text(json.dumps(self.history, indent=1) + "\n")
             plot_curves(self.history, self.out / "curves.png")
         acc.wait_for_everyone()

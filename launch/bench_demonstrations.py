@@ -1,7 +1,8 @@
 """Learning from demonstrations vs RL: combine finished runs into one table, curve plot and sample grid.
 
 Each run is a ``diffrl train`` output folder (history.json and eval/epoch-*/ with 16 images per eval
-prompt), named on the command line as MODEL/LABEL=DIR. The base score of a model is the epoch-0
+prompt), named on the command line as MODEL/LABEL=DIR; DIR may also be an OUT.json this script wrote
+earlier, whose MODEL/LABEL curve is reused (it has no images for the grid). The base score of a model is the epoch-0
 evaluation of whichever of its runs has one (``eval.at_start``; same seeds, so the same for all).
 
     python launch/bench_demonstrations.py --out docs/demonstrations \\
@@ -41,7 +42,10 @@ def collect(specs: list[str]) -> dict[str, dict[str, list[dict]]]:
         model, _, label = name.partition("/")
         if not folder or not label:
             raise SystemExit(f"{spec!r}: write MODEL/LABEL=DIR, e.g. shapes-sd/dro=runs/h2h/dro_sd")
-        runs.setdefault(model, {})[label] = evaluations(Path(folder))
+        if folder.endswith(".json"):  # curves written earlier by this script (no images: left out of the grid)
+            runs.setdefault(model, {})[label] = json.loads(Path(folder).read_text())[model][label]
+        else:
+            runs.setdefault(model, {})[label] = evaluations(Path(folder))
     for model, by_label in runs.items():
         base = next((r[0] for r in by_label.values() if r and r[0]["epoch"] == 0), None)
         if base is None:
@@ -101,12 +105,19 @@ def grid(runs: dict[str, dict[str, list[dict]]], path: Path) -> None:
 
     blocks = []
     for model, by_label in runs.items():
-        base_dir = Path(next(iter(by_label.values()))[0]["dir"]) / "images"
+        by_label = {label: rows for label, rows in by_label.items() if "dir" in rows[-1]}
+        bases = [rows[0]["dir"] for rows in by_label.values() if "dir" in rows[0]]
+        if not bases:
+            print(f"{model}: no run folder with a base evaluation (eval.at_start): left out of the grid")
+            continue
+        base_dir = Path(bases[0]) / "images"
         records = {json.loads((f / "metadata.jsonl").read_text().splitlines()[0])["tag"]: f
                    for f in sorted(base_dir.iterdir(), reverse=True)}  # first prompt of each task wins
         prompts = [records[t] for t in TASKS if t in records]
         rows = [("base", base_dir)] + [(label, Path(r[-1]["dir"]) / "images") for label, r in by_label.items()]
         blocks.append((model, prompts, rows))
+    if not blocks:
+        return
     n_rows, n_cols = sum(len(b[2]) for b in blocks), max(len(b[1]) for b in blocks)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.5 * n_cols + 0.8, 1.75 * n_rows), squeeze=False)
     i = 0

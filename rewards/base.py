@@ -24,6 +24,9 @@ class RewardOutput:
 
 class Reward:
     name: str = "reward"
+    # True: called with gradients enabled, ``scores`` keep their graph back to ``images``, so an
+    # objective can backpropagate through the reward (CTRL). Other rewards' scores are constants.
+    differentiable: bool = False
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> RewardOutput:
         raise NotImplementedError
@@ -47,7 +50,8 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 def _builtins() -> None:
     # Importing the modules registers their rewards.
-    from rewards import aesthetic, clipscore, geneval, hps, imagereward, jpeg, ocr, pickscore, remote, simple  # noqa: F401
+    from rewards import (aesthetic, clipscore, geneval, hps, imagereward, jpeg, ocr, pickscore, remote,  # noqa: F401
+                         simple, size)
 
 
 def build_reward(spec) -> Reward:

@@ -46,6 +46,18 @@ after = trainer.trainable_state()
 report["dro"] = {"prompts": rollout.prompts,
                  "params": hashlib.sha256(b"".join(after[n].detach().numpy().tobytes() for n in sorted(after))).hexdigest()}
 
+# FIND trains its own module (the noise policy, DDP-wrapped) with the denoiser frozen: each process
+# its own samples, one set of noise-policy parameters after the step, the calibration set identically.
+cfg = load_config("configs/find_shapes_sd.yaml", [
+    *TINY, f"output_dir={out}/find", "eval.every=0", "sample.group_size=4", "sample.batch_size=8",
+    "train.batch_size=8", "train.lr=1e-2"])
+trainer = Trainer(cfg)
+rollout, advantages, _ = trainer.collect(0)
+trainer.optimize(0, rollout, advantages)
+after = trainer.trainable_state()
+report["find"] = {"prompts": rollout.prompts, "moved": float(after["net.4.weight"].abs().sum()) > 0,
+                  "params": hashlib.sha256(b"".join(after[n].detach().numpy().tobytes() for n in sorted(after))).hexdigest()}
+
 # The training budget excludes evaluation on every process: the main process evaluates (here a 4 s
 # stand-in) while the others wait, and that wait must not count against the shared budget.
 cfg = load_config("configs/ddpo_shapes_sd.yaml", [

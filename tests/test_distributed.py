@@ -34,6 +34,8 @@ def test_two_process_training_is_synchronised(tmp_path):
     # Diffusion-DRO: each process its own demonstrations, one set of parameters after the step.
     assert r0["dro"]["prompts"] != r1["dro"]["prompts"] and r0["dro"]["params"] == r1["dro"]["params"]
     assert (tmp_path / "dro" / "expert_latents.safetensors").exists()
+    f0, f1 = r0["find"], r1["find"]
+    assert f0["prompts"] != f1["prompts"] and f0["moved"] and f0["params"] == f1["params"]
     # Both processes spent the same training budget; the main process's evaluation was not counted.
     b0, b1 = r0["budget"], r1["budget"]
     assert b0["epochs"] == b1["epochs"]

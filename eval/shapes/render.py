@@ -33,6 +33,25 @@ PALETTE = {
 # Half-extent (pixels) range of an object, by how many objects share the canvas.
 RADIUS_RANGE = {1: (9, 15), 2: (7, 11), 3: (6, 9), 4: (6, 8)}
 MARGIN = 3  # free pixels kept between two objects and between an object and the border
+# Object size, a condition no prompt expresses (CTRL): which third of its radius range an object's
+# half-extent lies in.
+SIZE_CLASSES = ("small", "medium", "large")
+
+
+def radius_range(n_objects: int, size_class: str | None = None) -> tuple[float, float]:
+    """Half-extent range for a scene of ``n_objects``; with ``size_class``, that class's third of it."""
+    lo, hi = RADIUS_RANGE[min(n_objects, 4)]
+    if size_class is None:
+        return lo, hi
+    k, third = SIZE_CLASSES.index(size_class), (hi - lo) / 3
+    return lo + k * third, lo + (k + 1) * third
+
+
+def size_class_of(radius: float, n_objects: int) -> str:
+    """The size class of a half-extent (pixels of the 64-pixel canvas) in a scene of ``n_objects``."""
+    lo, hi = RADIUS_RANGE[min(n_objects, 4)]
+    k = int((radius - lo) / ((hi - lo) / 3))
+    return SIZE_CLASSES[min(max(k, 0), len(SIZE_CLASSES) - 1)]
 
 
 @dataclass
@@ -90,10 +109,12 @@ def _wanted(record: dict, rng: random.Random) -> list[tuple[str, str, list | Non
     return wanted
 
 
-def layout(record: dict, rng: random.Random, size: int = SIZE, tries: int = 2000) -> list[Placed]:
-    """Random non-overlapping placement satisfying every include clause (position included)."""
+def layout(record: dict, rng: random.Random, size: int = SIZE, tries: int = 2000,
+           size_class: str | None = None) -> list[Placed]:
+    """Random non-overlapping placement satisfying every include clause (position included); with
+    ``size_class``, every object's half-extent lies in that class's third of the radius range."""
     wanted = _wanted(record, rng)
-    lo, hi = RADIUS_RANGE[min(len(wanted), 4)]
+    lo, hi = radius_range(len(wanted), size_class)
     for _ in range(tries):
         placed: list[Placed] = []
         for cls, color, _pos in wanted:
@@ -127,8 +148,8 @@ def _positions_hold(record: dict, placed: list[Placed]) -> bool:
     return True
 
 
-def render(record: dict, seed: int) -> tuple[Image.Image, list[Placed]]:
+def render(record: dict, seed: int, size_class: str | None = None) -> tuple[Image.Image, list[Placed]]:
     """Render one ground-truth image for ``record``; the same seed gives the same image."""
     rng = random.Random(seed)
-    objects = layout(record, rng)
+    objects = layout(record, rng, size_class=size_class)
     return draw(objects), objects

@@ -44,6 +44,7 @@ class Policy:
         # What forward() calls: the denoiser itself, or its distributed wrapper while training.
         self.net = self.denoiser
         self._frozen_reference = None
+        self.condition: str | None = None  # the class sampled when the denoiser has an added condition
         # Prompt embeddings kept per (prompt, guidance) row, least recently used evicted; 0 = off.
         self.embedding_cache_size = 0
         self._embeddings: OrderedDict[tuple[str, bool], dict[str, torch.Tensor]] = OrderedDict()
@@ -115,7 +116,7 @@ class Policy:
         length, so cached and fresh rows stack.
         """
         if not self.embedding_cache_size:
-            return self.encode(prompts)
+            return self.with_condition(self.encode(prompts))
         keys = [(p, self.use_guidance) for p in prompts]
         missing = list(dict.fromkeys(k[0] for k in keys if k not in self._embeddings))
         if missing:
@@ -128,7 +129,18 @@ class Policy:
             rows.append(self._embeddings[key])
         while len(self._embeddings) > self.embedding_cache_size:
             self._embeddings.popitem(last=False)
-        return {k: torch.cat([row[k] for row in rows]) for k in rows[0]}
+        return self.with_condition({k: torch.cat([row[k] for row in rows]) for k in rows[0]})
+
+    def with_condition(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Add the class labels of ``self.condition`` (None: the null class) if the denoiser has an added
+        condition (finetune/condition.py); ``cond`` unchanged otherwise."""
+        from finetune import condition
+
+        if condition.classes_of(self.denoiser) is None:
+            return cond
+        n = len(next(iter(cond.values())))
+        index = condition.label(self.denoiser, self.condition)
+        return {**cond, "class_labels": torch.full((n,), index, dtype=torch.long, device=self.device)}
 
     @property
     def device(self) -> torch.device:

@@ -39,10 +39,11 @@ def resolve(name_or_path: str | os.PathLike) -> str:
 
 
 def load_pipeline(name_or_path: str, torch_dtype=None, lora: str | os.PathLike | None = None,
-                  without: tuple[str, ...] = (), call: dict | None = None):
+                  without: tuple[str, ...] = (), call: dict | None = None, condition: str | None = None):
     """Load any diffusers text-to-image pipeline; the class comes from its model_index.json.
 
     ``lora``: a folder written by training (``output_dir/lora``), loaded with ``load_lora_weights``.
+    ``condition``: the class to sample when that LoRA carries an added condition (CTRL; None: null).
     ``without``: components not to load (e.g. SD3's T5: ``("text_encoder_3", "tokenizer_3")``).
     ``call``: call keyword arguments (height, width, max_sequence_length) over the folder's own.
     """
@@ -51,6 +52,9 @@ def load_pipeline(name_or_path: str, torch_dtype=None, lora: str | os.PathLike |
     location = resolve(name_or_path)
     if lora is not None:
         check_lora(lora)  # before the (slow) model load
+    if condition is not None and (lora is None or not (Path(lora) / "condition.json").is_file()):
+        raise ValueError(f"--condition {condition!r} needs a LoRA with an added condition: pass --lora with a CTRL "
+                         "run's output_dir/lora")
     kwargs, declared = {}, {}
     index = Path(location) / "model_index.json"
     if index.exists():
@@ -74,7 +78,7 @@ def load_pipeline(name_or_path: str, torch_dtype=None, lora: str | os.PathLike |
     pipe.set_progress_bar_config(disable=True)
     pipe.call_kwargs = declared
     if lora is not None:
-        load_lora(pipe, lora)
+        load_lora(pipe, lora, condition)
     return pipe
 
 
@@ -92,13 +96,23 @@ def check_lora(lora_dir: str | os.PathLike) -> None:
                                 "`lora` folder that training writes into its output_dir")
 
 
-def load_lora(pipe, lora_dir: str | os.PathLike) -> None:
+def load_lora(pipe, lora_dir: str | os.PathLike, condition: str | None = None) -> None:
+    """The LoRA, and the condition embedding a CTRL run saves beside it (every call then samples
+    ``condition``; None: the null class, the model without the condition)."""
+    from finetune import condition as added
+
     check_lora(lora_dir)
     pipe.load_lora_weights(str(lora_dir))
+    if (Path(lora_dir) / added.CONFIG).is_file():
+        added.load(pipe.unet, lora_dir)
+        added.sample_with(pipe, condition)
 
 
 def merge_lora(base: str, lora_dir: str | os.PathLike, out: str | os.PathLike):
     """Fuse a diffusers-format LoRA into ``base`` and save a plain pipeline folder to ``out``."""
+    if (Path(lora_dir) / "condition.json").is_file():
+        raise ValueError(f"{lora_dir} carries an added condition (CTRL), which a plain pipeline folder cannot hold: "
+                         "load it with --lora instead of merging")
     pipe = load_pipeline(base, lora=lora_dir)
     pipe.fuse_lora()
     pipe.unload_lora_weights()

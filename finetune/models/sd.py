@@ -22,6 +22,7 @@ import math
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from finetune import condition
 from finetune.models.base import Policy, Step
 
 
@@ -71,6 +72,12 @@ def ddim_step_with_logprob(scheduler, model_output: torch.Tensor, timestep, samp
     ``set_timesteps``). If ``prev_sample`` is given, it is scored instead of sampled. With
     ``eta == 0`` the step is deterministic (diffusers' DDIM) and the returned log-prob is 0.
     """
+    prev_sample, log_prob, _, _ = ddim_step(scheduler, model_output, timestep, sample, eta, prev_sample, generator)
+    return prev_sample, log_prob
+
+
+def ddim_step(scheduler, model_output, timestep, sample, eta=1.0, prev_sample=None, generator=None):
+    """``ddim_step_with_logprob`` that also returns the step's mean and std: (prev, log_prob, mean, std)."""
     config = scheduler.config
     check_scheduler(config)
     ndim = sample.ndim
@@ -94,9 +101,9 @@ def ddim_step_with_logprob(scheduler, model_output: torch.Tensor, timestep, samp
         noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
         prev_sample = prev_sample_mean + std_dev_t * noise
     if eta == 0:
-        return prev_sample_mean, torch.zeros(sample.shape[0], device=sample.device)
+        return prev_sample_mean, torch.zeros(sample.shape[0], device=sample.device), prev_sample_mean, std_dev_t
     log_prob = gaussian_log_prob(prev_sample.detach().float(), prev_sample_mean, std_dev_t)
-    return prev_sample, log_prob
+    return prev_sample, log_prob, prev_sample_mean, std_dev_t
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -136,15 +143,18 @@ class SDPolicy(Policy):
 
     def forward(self, x, t, cond, guidance):
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(len(x))
+        labels = cond.get("class_labels")  # an added condition (finetune/condition.py), if there is one
         if not guidance:
-            return self.net(x, t, cond["embeds"]).sample
-        out = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond["neg"], cond["embeds"]])).sample
+            return self.net(x, t, cond["embeds"], class_labels=labels).sample
+        if labels is not None:  # the unconditional branch: empty prompt and the null class
+            labels = torch.cat([torch.full_like(labels, len(condition.classes_of(self.denoiser))), labels])
+        out = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond["neg"], cond["embeds"]]),
+                       class_labels=labels).sample
         return self.guided(out)
 
     def step(self, model_output, t, x, prev_sample=None, generator=None, noise=None):
         eta = self.noise if noise is None else noise
-        prev, log_prob = ddim_step_with_logprob(self.pipe.scheduler, model_output, t, x, eta, prev_sample, generator)
-        return Step(prev, log_prob, None, None)
+        return Step(*ddim_step(self.pipe.scheduler, model_output, t, x, eta, prev_sample, generator))
 
     # Discrete DDPM time: noise level t maps to the nearest of the scheduler's training timesteps.
     def model_time(self, t):

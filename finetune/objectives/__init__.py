@@ -13,6 +13,8 @@ OBJECTIVES = {
     "g2rpo": "finetune.objectives.g2rpo:G2RPO",
     "sft": "finetune.objectives.sft:SFT",
     "dro": "finetune.objectives.dro:DRO",
+    "find": "finetune.objectives.find:FIND",
+    "ctrl": "finetune.objectives.ctrl:CTRL",
 }
 
 

@@ -8,6 +8,12 @@ Two kinds of objectives plug into the trainer:
   x0 only, re-noised at training times t: x_t = noised(x0, eps, t). They say which times with
   ``training_times`` and may keep an old policy (``WeightCopy``) that rollouts or ratios use.
 
+What is trained is the denoiser (LoRA or all of it) unless an objective says otherwise:
+``trains_denoiser = False`` freezes it, and ``trained_module(policy)`` returns the module the
+optimizer trains instead (FIND's initial-noise policy). ``param_groups`` gives parts of it their
+own learning rates, ``initial_latents`` maps the standard noise that starts every sample (rollouts
+and evaluation) and ``export`` writes what the run produced beside the LoRA / model.
+
 An epoch calls three hooks in turn, each with a default that the objectives above share:
 
 * ``collect(ctx, records)``: this process's scored ``Rollout`` (default: the sampler on every
@@ -30,18 +36,43 @@ class Objective:
     families: tuple[str, ...] = ("sd", "flow")
     needs: tuple[str, ...] = ("trajectory",)
     deterministic_rollouts = False  # True: rollouts use the ODE / DDIM eta=0 sampler
-    uses_reward = True  # False: trains on demonstrations (``data.expert``); rewards only evaluate
+    uses_reward = True  # False: the trainer neither scores nor normalises (demonstrations, or CTRL's reward in loss)
+    trains_denoiser = True  # False: the denoiser stays frozen and ``trained_module`` is trained instead
+    # While training: the trainer's distributed wrapper (DDP / DeepSpeed) of ``trained_module``. An
+    # objective that trains its own module calls it in ``loss`` so that gradients are averaged.
+    net: torch.nn.Module | None = None
 
     @property
     def needs_reference(self) -> bool:
         """Whether ``policy.reference()`` (the frozen base model) is used: a KL term, or the loss itself."""
         return getattr(self, "kl_beta", 0) > 0
 
+    def check_reward(self, reward) -> None:
+        """Refuse (before any model loads) a reward this objective cannot train with."""
+
     def prepare_data(self, cfg, eval_prompts: list[dict]) -> None:
         """Load and check the data the objective trains on besides its rollouts (before the model loads)."""
 
     def setup(self, policy, params: list[torch.nn.Parameter]) -> None:
         """Called once the trainable parameters exist (after LoRA is added)."""
+
+    def trained_module(self, policy) -> torch.nn.Module:
+        """What the optimizer trains, called after LoRA is added: by default the denoiser."""
+        return policy.denoiser
+
+    def param_groups(self, module: torch.nn.Module, lr: float) -> list[dict]:
+        """The optimizer's parameter groups (default: every trainable parameter at ``train.lr``)."""
+        return [{"params": [p for p in module.parameters() if p.requires_grad], "lr": lr}]
+
+    def initial_latents(self, policy, prompts: list[str], eps: torch.Tensor) -> torch.Tensor:
+        """The sampler's x_T for ``prompts`` given standard noise ``eps`` (default: ``eps`` itself)."""
+        return eps
+
+    def export(self, folder, card: dict) -> None:
+        """Write what the run trained besides the denoiser's LoRA / model into ``folder`` (output_dir).
+
+        ``card``: the run's base model, objective, reward, steps and eval results, for a model card.
+        """
 
     def train_steps(self, stochastic: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
         """(n, k) indices of the recorded steps each sample trains on, in training order.

@@ -48,8 +48,6 @@ class DDPO(Objective):
         info = {"policy_loss": loss.detach(), "clipfrac": ((ratio - 1).abs() > self.clip_range).float().mean(),
                 "approx_kl": 0.5 * ((step.log_prob - batch["old_log_prob"]) ** 2).mean().detach()}
         if self.kl_beta > 0:
-            if step.prev_sample_mean is None:
-                raise ValueError("objective.kl_beta > 0 needs a flow model (Flow-GRPO's KL); set it to 0 for DDPO")
             with torch.no_grad(), policy.reference():
                 ref = policy.step(self.predict(policy, batch), t, x_t, prev_sample=batch["x_prev"])
             dims = tuple(range(1, x_t.ndim))

@@ -38,6 +38,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from finetune import distributed
+from finetune.batches import minibatch_indices
 from finetune.collect import BATCHES, SAMPLING, EpochContext
 from finetune.models.base import select
 from finetune.objectives.sft import DemonstrationObjective
@@ -85,15 +86,12 @@ class DRO(DemonstrationObjective):
 
     def batches(self, ctx: EpochContext, rollout: Rollout, advantages: torch.Tensor):
         """Minibatches of (expert, policy) pairs, each expert example noised afresh at its pair's time."""
-        t_cfg, gen = ctx.cfg.train, ctx.generator(BATCHES)
-        distributed.set_accumulation(ctx.accelerator, t_cfg.gradient_accumulation_steps)
-        for _ in range(t_cfg.inner_epochs):
-            order = torch.randperm(len(rollout), generator=gen)
-            for start in range(0, len(rollout), t_cfg.batch_size):
-                idx = order[start:start + t_cfg.batch_size]
-                x0 = rollout.final[idx]
-                yield {"x0": x0, "eps": randn_tensor(x0.shape, generator=gen, device=x0.device),
-                       "cond": select(rollout.cond, idx), **{k: v[idx] for k, v in rollout.extras.items()}}
+        gen = ctx.generator(BATCHES)
+        distributed.set_accumulation(ctx.accelerator, ctx.cfg.train.gradient_accumulation_steps)
+        for idx in minibatch_indices(ctx, len(rollout), gen):
+            x0 = rollout.final[idx]
+            yield {"x0": x0, "eps": randn_tensor(x0.shape, generator=gen, device=x0.device),
+                   "cond": select(rollout.cond, idx), **{k: v[idx] for k, v in rollout.extras.items()}}
 
     def loss(self, policy, batch: dict) -> tuple[torch.Tensor, dict]:
         """``batch``: x0, eps, t (the pair's noise level), x_t and target (the policy's state and theta's output), cond."""
