@@ -30,6 +30,16 @@ def write_prompt(root: str | Path, index: int, metadata: dict, images: list[Imag
         image.save(folder / "samples" / f"{j:04d}.png")
 
 
+def write_sample(root: str | Path, index: int, image_index: int, metadata: dict, image: Image.Image) -> None:
+    """Write one sample of a prompt (and, with its first sample, the prompt's metadata): processes that
+    share a prompt's samples each write their own files."""
+    folder = prompt_dir(root, index)
+    (folder / "samples").mkdir(parents=True, exist_ok=True)
+    if image_index == 0:
+        (folder / "metadata.jsonl").write_text(json.dumps(metadata) + "\n")
+    image.save(folder / "samples" / f"{image_index:04d}.png")
+
+
 def require_prompt(metadata: dict, meta_file: Path) -> None:
     """The layout's own check: every consumer reads ``metadata["prompt"]``."""
     if not isinstance(metadata.get("prompt"), str):

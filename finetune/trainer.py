@@ -250,9 +250,7 @@ class Trainer:
             self.ema.restore(self.params)
 
     def evaluate(self, epoch: int) -> dict:
-        """GenEval-shapes on the held-out prompts (main process; the others return {})."""
-        if not self.accelerator.is_main_process:
-            return {}
+        """GenEval-shapes on the held-out prompts, sharded over all processes (each returns the scores)."""
         self.policy.net = self.policy.denoiser
         return evaluate_geneval(self.policy, self.accelerator, self.eval_prompts, self.cfg.eval,
                                 self.cfg.sample.batch_size * 2, self.out / "eval" / f"epoch-{epoch:04d}",
@@ -270,8 +268,8 @@ class Trainer:
         bar = tqdm(range(self.start_epoch, cfg.train.epochs), initial=self.start_epoch, total=cfg.train.epochs,
                    desc="epochs", disable=not acc.is_main_process)
         for epoch in bar:
-            # Evaluation runs on the main process only; without this barrier the others would count
-            # their wait for it as training time and the shared budget would end early.
+            # The main process writes evaluation files and checkpoints while the others go on; without
+            # this barrier they would count their wait for it as training time.
             acc.wait_for_everyone()
             started = time.time()
             rollout, advantages, stats = self.collect(epoch)

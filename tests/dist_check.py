@@ -8,6 +8,7 @@ import hashlib
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -57,6 +58,20 @@ trainer.optimize(0, rollout, advantages)
 after = trainer.trainable_state()
 report["find"] = {"prompts": rollout.prompts, "moved": float(after["net.4.weight"].abs().sum()) > 0,
                   "params": hashlib.sha256(b"".join(after[n].detach().numpy().tobytes() for n in sorted(after))).hexdigest()}
+
+# In-loop evaluation sharded over both processes: every process returns the same scores, and the
+# results equal those of one process evaluating every prompt alone (rank 0 does that afterwards).
+from finetune.evaluation import evaluate_geneval  # noqa: E402
+
+cfg = load_config("configs/ddpo_shapes_sd.yaml", [*TINY, f"output_dir={out}/eval", "eval.every=1",
+                                                  "eval.images_per_prompt=2", "sample.batch_size=4"])
+trainer = Trainer(cfg)
+prompts = trainer.eval_prompts[:5]
+args = (trainer.policy, acc, prompts, cfg.eval, 4)
+report["eval"] = {"sharded": evaluate_geneval(*args, Path(out) / "eval" / "sharded")}
+if acc.is_main_process:
+    report["eval"]["alone"] = evaluate_geneval(*args, Path(out) / "eval" / "alone", shard=(0, 1))
+acc.wait_for_everyone()
 
 # The training budget excludes evaluation on every process: the main process evaluates (here a 4 s
 # stand-in) while the others wait, and that wait must not count against the shared budget.

@@ -34,6 +34,14 @@ def test_two_process_training_is_synchronised(tmp_path):
     # Diffusion-DRO: each process its own demonstrations, one set of parameters after the step.
     assert r0["dro"]["prompts"] != r1["dro"]["prompts"] and r0["dro"]["params"] == r1["dro"]["params"]
     assert (tmp_path / "dro" / "expert_latents.safetensors").exists()
+    # Sharded evaluation: the same scores on both processes, equal to one process's, file for file.
+    assert r0["eval"]["sharded"] == r1["eval"]["sharded"] == r0["eval"]["alone"]
+    assert r0["eval"]["sharded"]["geneval_overall"] >= 0
+    sharded, alone = (tmp_path / "eval" / name for name in ("sharded", "alone"))
+    assert (sharded / "results.jsonl").read_text() == (alone / "results.jsonl").read_text()
+    for image in sorted(alone.glob("images/*/samples/*.png")):
+        assert image.read_bytes() == (sharded / image.relative_to(alone)).read_bytes(), image
+    assert len(list(alone.glob("images/*/samples/*.png"))) == 10
     f0, f1 = r0["find"], r1["find"]
     assert f0["prompts"] != f1["prompts"] and f0["moved"] and f0["params"] == f1["params"]
     # Both processes spent the same training budget; the main process's evaluation was not counted.
