@@ -83,9 +83,10 @@ def seeded_starts(pipe, noise_policy=None):
 
 def generate(pipe, records: list[dict], out: str | Path, images_per_prompt: int = 4, seed: int = 0,
              batch_size: int = 32, progress: bool = True, prompt_indices: list[int] | None = None,
-             noise_policy=None, **sampler) -> None:
+             noise_policy=None, on_image=None, **sampler) -> None:
     """Write ``images_per_prompt`` samples of every record to ``out`` (GenEval layout).
 
+    ``on_image(i, j, image)`` sees each image as it is made (scoring it there saves reading it back).
     ``prompt_indices`` restricts the work to some prompts (a process's shard); seeds and folder
     names still follow the prompt's index in ``records``. ``noise_policy`` (a trained
     ``finetune.noise_policy.NoisePolicy``) moves each image's seeded noise into its learned x_T.
@@ -101,7 +102,9 @@ def generate(pipe, records: list[dict], out: str | Path, images_per_prompt: int 
         prompts = [records[i]["prompt"] for i, _ in chunk]
         latents = starts([image_seed(seed, i, j) for i, j in chunk], prompts)
         result = pipe(prompt=prompts, latents=latents.to(pipe.device, pipe.dtype), **sampler)
-        for (i, _), image in zip(chunk, result.images):
+        for (i, j), image in zip(chunk, result.images):
+            if on_image is not None:
+                on_image(i, j, image)
             images[i].append(image)
             if len(images[i]) == images_per_prompt:
                 write_prompt(out, i, records[i], images.pop(i))

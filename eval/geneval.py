@@ -308,6 +308,29 @@ def sampling_standard_error(results: list[dict], tags: list[str]) -> float:
     return float(np.sqrt(variance) / len(tags))
 
 
+def paired_standard_error(before: list[dict], after: list[dict]) -> float:
+    """Standard error of ``after``'s overall score minus ``before``'s, for two evaluations of the same
+    images (prompts and seeds): the gain's own error, from image sampling alone.
+
+    With d = correct_after - correct_before per image, a task's gain averages N_k of them, so
+    Var(gain_k) = sum_p n_p s_p^2 / N_k^2 (s_p^2 the unbiased variance of d over prompt p's images) and
+    Var(gain) = sum_k Var(gain_k) / K^2. A fine-tuned model sampled from the same noise keeps most
+    of the base's verdicts, so this is much smaller than the two scores' standard errors combined.
+    """
+    was = {r["filename"]: bool(r["correct"]) for r in before}
+    if set(was) != {r["filename"] for r in after}:
+        raise ValueError("a paired standard error needs two evaluations of the same images (prompts and seeds)")
+    by_tag: dict[str, dict[str, list[int]]] = {}
+    for row in after:
+        by_tag.setdefault(row["tag"], {}).setdefault(row["metadata"], []).append(
+            int(bool(row["correct"])) - int(was[row["filename"]]))
+    variance = 0.0
+    for prompts in by_tag.values():
+        spread = sum(len(d) * np.var(d, ddof=1) for d in prompts.values() if len(d) > 1)
+        variance += spread / sum(len(d) for d in prompts.values()) ** 2
+    return float(np.sqrt(variance) / len(by_tag))
+
+
 def format_summary(summary: dict) -> str:
     """The printout of GenEval's ``summary_scores.py``."""
     lines = [

@@ -76,6 +76,49 @@ def category_grids(images: str | Path, rows: list[dict], out: str | Path, per_pr
     return written
 
 
+def comparison_grid(columns: dict[str, str | Path], out: str | Path, per_task: int = 1, samples: int = 3,
+                    scale: int = 2) -> Path:
+    """Evaluations of the same prompts and seeds side by side: one block of ``samples`` images per
+    evaluation folder (``{label: folder}``, each with images/ and results.jsonl; the label on top), one
+    row per prompt (``per_task`` of each task, its text written under the row), every sample framed
+    green or red by the rules' verdict and enlarged ``scale`` times."""
+    import json
+
+    from PIL import ImageDraw, ImageOps
+
+    verdicts = {label: {json.loads(line)["filename"]: bool(json.loads(line)["correct"])
+                        for line in (Path(folder) / "results.jsonl").read_text().splitlines() if line.strip()}
+                for label, folder in columns.items()}
+    first = Path(next(iter(columns.values()))) / "images"
+    chosen: dict[str, dict] = {}  # prompt folder -> metadata, per_task of each task in folder order
+    for filename, metadata, _ in iter_images(first):
+        folder, tag = filename.split("/")[0], metadata.get("tag", "untagged")
+        if folder not in chosen and sum(m.get("tag", "untagged") == tag for m in chosen.values()) < per_task:
+            chosen[folder] = metadata
+    samples = min(samples, len(list((first / next(iter(chosen)) / "samples").glob("*.png"))))
+    size, pad, caption, header = 64 * scale + 8, 12, 16, 22
+    block = samples * size
+    width = len(columns) * (block + pad) - pad
+    sheet = Image.new("RGB", (width, header + len(chosen) * (size + caption)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, label in enumerate(columns):
+        draw.text((c * (block + pad) + 4, 4), label, fill="black")
+    for r, (folder, metadata) in enumerate(chosen.items()):
+        top = header + r * (size + caption)
+        for c, (label, root) in enumerate(columns.items()):
+            for j in range(samples):
+                name = f"{folder}/samples/{j:04d}.png"
+                image = load_image(Path(root) / "images" / name)
+                image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+                frame = {True: (0, 160, 0), False: (200, 0, 0), None: (160, 160, 160)}[verdicts[label].get(name)]
+                sheet.paste(ImageOps.expand(image, border=4, fill=frame), (c * (block + pad) + j * size, top))
+        draw.text((4, top + size + 1), f"{metadata.get('tag', '')}: {metadata['prompt']}", fill="black")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out
+
+
 def _wrap(text: str, width: int) -> str:
     import textwrap
 

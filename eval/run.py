@@ -67,17 +67,17 @@ def load_noise_policy(folder: str | None, device=None):
 def geneval_model(model: str, out: str | Path, lora: str | None = None, metadata: str | None = None,
                   backend: str | None = None, images_per_prompt: int = 4, seed: int = 0, batch_size: int = 32,
                   steps: int | None = None, guidance: float | None = None,
-                  noise_policy: str | None = None, condition: str | None = None) -> dict | None:
+                  noise_policy: str | None = None, condition: str | None = None, progress: bool = True) -> dict | None:
     """Generate ``out/images`` (GenEval layout), score it, write ``out/results.jsonl``, a grid and per-task grids.
 
     ``noise_policy``: a FIND run's ``output_dir/noise_policy``, which draws each image's x_T.
     ``condition``: the class to sample with a CTRL LoRA (None: the null class)."""
     from eval import geneval
     from eval.generate import generate
-    from eval.layout import iter_images, load_image
     from eval.report import category_grids, folder_grid
-    from finetune.models.hub import load_pipeline
+    from finetune.models.hub import load_pipeline, resolve
 
+    resolve(model)  # a wrong --model fails first, before prompts or the detector load
     metadata = metadata or default_metadata(model)
     records = load_records(metadata)
     detector = geneval.get_backend(backend or default_backend(metadata, records))
@@ -88,10 +88,14 @@ def geneval_model(model: str, out: str | Path, lora: str | None = None, metadata
     pipe = load_pipeline(model, lora=lora, condition=condition).to(state.device)
     mine = list(range(state.process_index, len(records), state.num_processes))
     out = Path(out)
+    rows = []
+
+    def score(i: int, j: int, image) -> None:  # as each image is made: no reading it back from disk
+        rows.append(geneval.evaluate_image(detector, image, records[i], f"{i:05d}/samples/{j:04d}.png"))
+
     generate(pipe, records, out / "images", images_per_prompt, seed, batch_size,
-             progress=state.is_main_process, prompt_indices=mine, noise_policy=starts, **_sampler(steps, guidance))
-    rows = [geneval.evaluate_image(detector, load_image(path), meta, filename)
-            for filename, meta, path in iter_images(out / "images", prompt_indices=mine)]
+             progress=progress and state.is_main_process, prompt_indices=mine, noise_policy=starts, on_image=score,
+             **_sampler(steps, guidance))
     rows = sorted(_gather(rows), key=lambda r: r["filename"])
     state.wait_for_everyone()
     if not state.is_main_process:
@@ -116,9 +120,10 @@ def reward_model(model: str, rewards: list[str], prompts: str, lora: str | None 
                  condition: str | None = None) -> dict[str, dict] | None:
     """Score a model's samples of ``prompts`` with each reward: {reward: mean/std/ci95/n}."""
     from eval.generate import SHAPES_SAMPLER, image_seed, seeded_starts
-    from finetune.models.hub import load_pipeline
+    from finetune.models.hub import load_pipeline, resolve
     from rewards.base import build_reward, check_finite
 
+    resolve(model)
     records = load_records(prompts)
     scorers = [build_reward(name) for name in rewards]  # fail before generating
     state = _state()

@@ -109,46 +109,16 @@ def cmd_sample(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    """Train each recipe on CPU within a budget, then show GenEval-shapes before and after."""
-    import shutil
+    """Train each recipe within a budget, then show GenEval-shapes before and after (finetune/demo.py)."""
+    from finetune.config import demo_recipes, load_config
+    from finetune.demo import run
 
-    from diffusers.utils import make_image_grid
-    from PIL import Image
-
-    from eval.report import category_table
-    from finetune.config import load_config
-    from finetune.trainer import Trainer
-
-    out = Path(args.out)
-    summaries, lines = {}, []
-    for recipe in args.recipes:
-        name = Path(recipe).stem
-        run_dir = out / name
-        shutil.rmtree(run_dir, ignore_errors=True)  # the demo always starts from the base model
-        cadence = [] if args.eval_every is None else [f"eval.every={args.eval_every}", "eval.every_minutes=null"]
-        cfg = load_config(recipe, [f"output_dir={run_dir}", f"train.max_minutes={args.minutes}",
-                                   "train.epochs=100000", *cadence, *args.overrides])
-        history = Trainer(cfg).train()
-        evals = [h for h in history if "geneval_overall" in h]
-        before, after = evals[0], evals[-1]
-        for label, h in (("base", before), (f"{cfg.objective.name} {after['epoch']} ep", after)):
-            summaries[f"{cfg.model.path} {label}"] = read_summary(run_dir, h["epoch"])
-        se = f" (± {after['geneval_overall_se']:.3f})" if "geneval_overall_se" in after else ""
-        lines.append(f"{name}: {before['geneval_overall']:.3f} -> {after['geneval_overall']:.3f}{se} "
-                     f"({after['epoch']} epochs, {after['time'] / 60:.1f} min of training)")
-        grids = [Image.open(run_dir / "eval" / f"epoch-{h['epoch']:04d}" / "grid.png") for h in (before, after)]
-        make_image_grid(grids, rows=1, cols=2).save(run_dir / "before_after.png")
-    table = category_table(summaries)
-    (out / "summary.md").write_text(table + "\n\n" + "\n".join(lines) + "\n")
-    per_prompt = "/".join(sorted({str(s["total_images"] // s["total_prompts"]) for s in summaries.values()}))
-    print(f"\nGenEval-shapes, eval split, {per_prompt} images per prompt "
-          f"(overall ± its image-sampling standard error):\n{table}\n")
-    print("\n".join(lines))
-    print(f"grids: {out}/*/before_after.png, curves: {out}/*/curves.png")
-
-
-def read_summary(run_dir: Path, epoch: int) -> dict:
-    return json.loads((run_dir / "eval" / f"epoch-{epoch:04d}" / "results_summary.json").read_text())
+    recipes = [path for name in args.recipes for path in demo_recipes(name)]
+    overrides = [f"eval.images_per_prompt={args.images_per_prompt}", *args.overrides]
+    for recipe in recipes:  # unknown names and bad overrides fail before anything trains
+        load_config(recipe, overrides)
+    print(run(recipes, Path(args.out), args.minutes, overrides, args.parallel))
+    print(f"grids: {args.out}/*/before_after.png, curves: {args.out}/*/curves.png, all of it: {args.out}/summary.md")
 
 
 def cmd_train(args) -> None:
@@ -199,6 +169,7 @@ def cmd_rewards_list(args) -> None:
     for name in sorted(REGISTRY):
         doc = (REGISTRY[name].__doc__ or "").strip().splitlines()
         print(f"{name:<24} built-in  {doc[0] if doc else ''}")
+        print(f"{'':<34}needs: {REGISTRY[name].needs or 'nothing (runs offline as it is)'}")
     for name in entry_point_names():
         print(f"{name:<24} plugin    (entry point in group diffrl.rewards)")
 
@@ -262,6 +233,49 @@ def add_sampling_args(p) -> None:
     p.add_argument("--condition", help="with a CTRL run's --lora: the class to sample (e.g. large; default: null)")
 
 
+def cmd_push(args) -> None:
+    from finetune.model_card import push
+
+    print(f"uploaded {args.folder} to {push(args.folder, args.repo, private=args.private)}")
+
+
+# The bench's epochs evaluate every 2 epochs on 4 images per eval prompt, so evaluation is measured too.
+BENCH_OVERRIDES = ["eval.every=2", "eval.every_minutes=null", "eval.at_start=false", "eval.images_per_prompt=4"]
+
+
+def cmd_bench_throughput(args) -> None:
+    from finetune.bench.throughput import report, run
+
+    parts = args.parts.split(",")
+    unknown = set(parts) - {"rollout", "epoch", "evaluation", "scaling"}
+    if unknown:
+        raise ValueError(f"--parts: unknown {sorted(unknown)}; choose from rollout, epoch, evaluation, scaling")
+    result = run(args.models, args.recipe, [*BENCH_OVERRIDES, *args.overrides], args.epochs, args.processes,
+                 args.threads, parts, args.objectives, Path(args.out), cpu=args.cpu)
+    print(report(result))
+    print(f"written to {args.out}/throughput.md and throughput.json")
+
+
+def cmd_bench_objectives(args) -> None:
+    from finetune.bench.objectives import RECIPES, run
+
+    overrides = [f"eval.images_per_prompt={args.images_per_prompt}", *args.overrides]
+    readme = Path(args.readme) if args.readme else None
+    print(run(args.objectives or list(RECIPES), Path(args.out), args.minutes, overrides, readme, args.parallel,
+              train=not args.report))
+    print(f"written to {args.out}/leaderboard.md, leaderboard.json and leaderboard.png")
+
+
+def train_epilog() -> str:
+    from finetune.config import recipe_names
+    from finetune.objectives import OBJECTIVES
+
+    return (f"recipes (configs/NAME.yaml): {', '.join(recipe_names())}\n"
+            f"CPU-sized ones (configs/demo/NAME.yaml): {', '.join(recipe_names('configs/demo'))}\n"
+            f"objectives (objective.name=...): {', '.join(OBJECTIVES)}\n"
+            f"real models on GPUs (configs/gpu/NAME.yaml, see its README.md): {', '.join(recipe_names('configs/gpu'))}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="diffrl", description="RL fine-tuning of text-to-image models")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -315,8 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p)
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("train", help="RL fine-tuning from a YAML recipe")
-    p.add_argument("--config", required=True, help="e.g. configs/ddpo_shapes_sd.yaml")
+    p = sub.add_parser("train", help="RL fine-tuning from a YAML recipe", epilog=train_epilog(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="a recipe YAML, e.g. configs/ddpo_shapes_sd.yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=5")
     p.set_defaults(func=cmd_train)
 
@@ -338,19 +353,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", nargs="+", required=True, help="image files and/or GenEval-layout folders")
     p.add_argument("--prompts", nargs="*", help="prompts for loose image files (one, or one per file)")
     p.set_defaults(func=cmd_rewards_score)
-    serve_help = "serve a reward over HTTP for `reward={name: remote, url: ...}` (rewards/README.md)"
-    for group in (rw, sub.add_parser("reward", help="serve a reward model").add_subparsers(dest="reward_command",
-                                                                                        required=True)):
-        p = group.add_parser("serve", help=serve_help)
-        p.add_argument("--reward", required=True, help="a name or a mapping, e.g. '{pickscore: 1.0, aesthetic: 0.1}'")
-        p.add_argument("--host", default="127.0.0.1", help="127.0.0.1: this machine only; 0.0.0.0 exposes the "
-                       "unauthenticated server to the network")
-        p.add_argument("--port", type=int, default=8765, help="0 picks a free port (default 8765)")
-        # Defaults live in rewards/remote.py (importing it here would load torch for every command).
-        p.add_argument("--max-request-mb", type=float, help="largest request body accepted (default 96 MiB)")
-        p.add_argument("--workers", type=int, help="connections handled at once; more get HTTP 503 (default 8)")
-        p.add_argument("--read-timeout", type=float, help="seconds a client may stall a read (default 30)")
-        p.set_defaults(func=cmd_reward_serve)
+    p = rw.add_parser("serve", help="serve a reward over HTTP for `reward={name: remote, url: ...}` "
+                      "(rewards/README.md)")
+    p.add_argument("--reward", required=True, help="a name or a mapping, e.g. '{pickscore: 1.0, aesthetic: 0.1}'")
+    p.add_argument("--host", default="127.0.0.1", help="127.0.0.1: this machine only; 0.0.0.0 exposes the "
+                   "unauthenticated server to the network")
+    p.add_argument("--port", type=int, default=8765, help="0 picks a free port (default 8765)")
+    # Defaults live in rewards/remote.py (importing it here would load torch for every command).
+    p.add_argument("--max-request-mb", type=float, help="largest request body accepted (default 96 MiB)")
+    p.add_argument("--workers", type=int, help="connections handled at once; more get HTTP 503 (default 8)")
+    p.add_argument("--read-timeout", type=float, help="seconds a client may stall a read (default 30)")
+    p.set_defaults(func=cmd_reward_serve)
 
     lora = sub.add_parser("lora", help="LoRA utilities").add_subparsers(dest="lora_command", required=True)
     p = lora.add_parser("merge", help="fuse a trained LoRA into its base and save a full pipeline")
@@ -359,12 +372,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_lora_merge)
 
+    p = sub.add_parser("push", help="upload a trained folder with its model card to the Hugging Face hub")
+    p.add_argument("folder", help="what training wrote: output_dir/lora, output_dir/model or output_dir/noise_policy")
+    p.add_argument("--repo", required=True, help="hub repository id, owner/name (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.set_defaults(func=cmd_push)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    p = bench.add_parser("throughput", help="where the time goes: rollout vs pipeline, epoch phases vs the "
+                         "model-math floor, evaluation vs sampling, N-process scaling (finetune/bench/throughput.py)")
+    p.add_argument("--models", nargs="+", default=["shapes-sd", "shapes-flow"],
+                   help="models for the rollout rows (the first also for the evaluation row)")
+    p.add_argument("--recipe", default="configs/demo/ddpo_shapes_sd.yaml", help="recipe of the epoch and scaling rows")
+    p.add_argument("--epochs", type=int, default=4, help="epochs per run (evaluation every 2 by default)")
+    p.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="process counts of the scaling rows")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per process")
+    p.add_argument("--parts", default="rollout,epoch,evaluation,scaling", help="comma-separated subset to run")
+    p.add_argument("--objectives", nargs="*", default=[], metavar="RECIPE",
+                   help="also images/s (and peak GPU memory) of these recipes' epochs")
+    p.add_argument("--cpu", action="store_true", help="measure on the CPU even where a GPU exists")
+    p.add_argument("--out", default="runs/bench", help="folder for throughput.md and throughput.json")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the recipe, after the bench's own: "
+                   + " ".join(BENCH_OVERRIDES))
+    p.set_defaults(func=cmd_bench_throughput)
+
+    p = bench.add_parser("objectives", help="the leaderboard: every objective on its shapes model for the same "
+                         "training minutes; table, JSON and PNG (finetune/bench/objectives.py)")
+    p.add_argument("--objectives", nargs="+", default=None, help="default: all of them")
+    p.add_argument("--minutes", type=float, default=10.0, help="training minutes per objective")
+    p.add_argument("--images-per-prompt", type=int, default=8, help="per eval prompt, at the start, half way, the end")
+    p.add_argument("--parallel", type=int, help="objectives trained at once (default: one per core)")
+    p.add_argument("--out", default="runs/leaderboard", help="leaderboard.{md,json,png}; the runs in OUT/runs")
+    p.add_argument("--readme", help="also replace this README's objectives table (between the leaderboard markers)")
+    p.add_argument("--report", action="store_true", help="only rebuild the tables from the runs already in OUT/runs")
+    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every recipe")
+    p.set_defaults(func=cmd_bench_objectives)
+
     p = sub.add_parser("demo", help="the README main job: RL on both shipped models, GenEval before/after")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--recipes", nargs="+", default=["configs/demo/ddpo_shapes_sd.yaml", "configs/demo/flow_grpo_shapes_flow.yaml"])
-    p.add_argument("--minutes", type=float, default=15.0, help="training budget per recipe (CPU wall clock)")
-    p.add_argument("--eval-every", type=int, default=None,
-                   help="evaluate every N epochs (default: each recipe's own eval.every / eval.every_minutes)")
+    p.add_argument("--out", default="runs/demo",
+                   help="one folder per recipe (an earlier run's is kept as NAME.previous)")
+    p.add_argument("--recipes", nargs="+", default=["ddpo_shapes_sd", "nft_full_shapes_flow"],
+                   help="demo recipe names (configs/demo/NAME.yaml), objective names (dro: its demo recipes on "
+                   "both models) or YAML paths")
+    p.add_argument("--minutes", type=float, default=10.0,
+                   help="training minutes per recipe (evaluations come on top: under 20 minutes in all on 2 cores)")
+    p.add_argument("--images-per-prompt", type=int, default=8, help="per eval prompt, at the start, half way, the end")
+    p.add_argument("--parallel", type=int, help="recipes trained at once (default: one per core)")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every recipe")
     p.set_defaults(func=cmd_demo)
     return ap

@@ -12,7 +12,7 @@ Every random draw of epoch e on process r comes from ``ctx.generator(purpose)``,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ from finetune import distributed
 from finetune.advantages import PerPromptStatTracker
 from finetune.models.base import Policy
 from finetune.rollout import Rollout, concat, sample
+from finetune.timing import Phases
 from rewards.base import check_finite
 
 # Generator purposes within an epoch: prompt choice, sampling noise, minibatch order, shared group noise.
@@ -41,6 +42,7 @@ class EpochContext:
     reward: Any  # rewards.base.Reward
     accelerator: Any  # accelerate.Accelerator
     tracker: PerPromptStatTracker
+    phases: Phases = field(default_factory=Phases)  # the trainer's, so reward calls are timed apart
 
     def generator(self, purpose: int) -> torch.Generator:
         return epoch_generator(self.cfg.seed, self.epoch, self.accelerator.process_index, purpose)
@@ -50,7 +52,8 @@ class EpochContext:
         return randn_tensor((n, *self.policy.latent_shape()), generator=generator, device=self.accelerator.device)
 
     def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> tuple[torch.Tensor, dict]:
-        out = self.reward(images, prompts, metadata)
+        with self.phases("reward"):
+            out = self.reward(images, prompts, metadata)
         return check_finite(out.scores.float(), self.reward.name), out.info
 
     def sde_window(self, gen: torch.Generator) -> tuple[int, int] | None:

@@ -47,12 +47,33 @@ def merge_recipe(base: DictConfig, recipe: DictConfig) -> DictConfig:
     return OmegaConf.merge(base, recipe)
 
 
+def recipe_names(folder: str = "configs") -> list[str]:
+    """The recipes shipped in ``folder`` (relative to the repository), by name."""
+    return sorted(p.stem for p in (ROOT / folder).glob("*.yaml") if p.stem != "base")
+
+
+def demo_recipes(name: str) -> list[str]:
+    """A recipe file, a demo recipe's name (``nft_shapes_flow``) or an objective's name (``dro``: its demo
+    recipes on every shipped model) -> recipe paths."""
+    if Path(name).exists() or (ROOT / name).exists():
+        return [name]
+    exact = ROOT / "configs" / "demo" / f"{name}.yaml"
+    found = [exact] if exact.exists() else sorted((ROOT / "configs" / "demo").glob(f"{name}_shapes_*.yaml"))
+    if not found:
+        raise FileNotFoundError(f"--recipes {name!r}: no such file, and no demo recipe of that name; choose from "
+                                f"{', '.join(recipe_names('configs/demo'))}, an objective's name or a YAML path")
+    return [str(p.relative_to(ROOT)) for p in found]
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> DictConfig:
     path = Path(path)
     if not path.exists() and (ROOT / path).exists():
         path = ROOT / path  # recipes shipped in the repository, from any working directory
+    elif not path.exists() and (ROOT / "configs" / f"{path}.yaml").exists():
+        path = ROOT / "configs" / f"{path}.yaml"  # a shipped recipe by name
     if not path.exists():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise FileNotFoundError(f"config file {path} does not exist; pass a YAML path or a recipe name: "
+                                f"{', '.join(recipe_names())}")
     cfg = OmegaConf.load(path)
     layers = [cfg]
     while "base" in layers[0]:

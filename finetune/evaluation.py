@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
 from finetune import distributed
 from finetune.models.base import Policy
@@ -46,7 +47,7 @@ def evaluate_geneval(policy: Policy, accelerator, prompts: list[dict], e: DictCo
     if e.get("guidance_scale") is not None:
         policy.guidance_scale = e.guidance_scale
     try:
-        for chunk in batches[rank::world]:
+        for chunk in tqdm(batches[rank::world], desc="evaluating", leave=False, disable=rank != 0):
             noise = policy.initial_noise([image_seed(e.seed, i, j) for i, j in chunk])
             texts = [prompts[i]["prompt"] for i, _ in chunk]
             if initial_latents is not None:

@@ -36,8 +36,10 @@ def plot_curves(history: list[dict], path: Path) -> None:
         axes[0].legend()
     axes[0].set(xlabel="epoch", ylabel=f"training {key}", title="reward" if key == "reward_mean" else "loss")
     evals = [h for h in history if "geneval_overall" in h]
-    axes[1].plot([h["epoch"] for h in evals], [h["geneval_overall"] for h in evals], marker="o")
-    axes[1].set(xlabel="epoch", ylabel="GenEval overall (eval split)", title="held-out GenEval")
+    axes[1].errorbar([h["epoch"] for h in evals], [h["geneval_overall"] for h in evals],
+                     yerr=[h.get("geneval_overall_se", 0.0) for h in evals], marker="o", capsize=3)
+    axes[1].set(xlabel="epoch", ylabel="GenEval overall (eval split)",
+                title="held-out GenEval (± image-sampling s.e.)")
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -30,12 +30,14 @@ from finetune import checkpoint, distributed
 from finetune.advantages import PerPromptStatTracker
 from finetune.collect import PROMPTS, EpochContext
 from finetune.evaluation import evaluate_geneval
+from finetune.model_card import write_denoiser_card
 from finetune.models import load_policy
 from finetune.models.hub import save_pipeline
 from finetune.objectives import build_objective
 from finetune.preflight import mixed_precision, preflight
 from finetune.report import flat_hparams, plot_curves
 from finetune.rollout import Rollout
+from finetune.timing import Phases
 
 
 def weight_dtype(dtype: str | None, mixed_precision: str) -> torch.dtype:
@@ -105,6 +107,8 @@ class Trainer:
         self.tracker = PerPromptStatTracker(a.buffer_size, a.min_count, a.global_std)
         self.history: list[dict] = []
         self.start_epoch = 0
+        # Seconds per phase of each epoch (history's time/* columns; `diffrl bench throughput` reads them).
+        self.phases = Phases(synchronize=self.accelerator.device.type == "cuda")
 
     # -- checkpoints ------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -146,7 +150,7 @@ class Trainer:
 
     # -- one epoch ----------------------------------------------------------------------------
     def context(self, epoch: int) -> EpochContext:
-        return EpochContext(self.cfg, epoch, self.policy, self.reward, self.accelerator, self.tracker)
+        return EpochContext(self.cfg, epoch, self.policy, self.reward, self.accelerator, self.tracker, self.phases)
 
     def collect(self, epoch: int) -> tuple[Rollout, torch.Tensor, dict]:
         """Sample this process's prompt groups, score them (the objective's ``collect``), and turn
@@ -155,13 +159,15 @@ class Trainer:
         rng = random.Random(int(ctx.generator(PROMPTS).initial_seed()))
         groups = [self.pick_prompt(rng) for _ in range(s.groups_per_epoch)]
         self.policy.net = self.policy.denoiser  # sample with the bare module, outside DDP
-        rollout = self.objective.collect(ctx, [r for r in groups for _ in range(s.group_size)])
+        with self.phases("sample"):
+            rollout = self.objective.collect(ctx, [r for r in groups for _ in range(s.group_size)])
         if not self.objective.uses_reward:  # demonstrations: nothing to score or normalise
             return rollout, torch.zeros(len(rollout), device=acc.device), {}
         # Every process sees every prompt's rewards, so per-prompt statistics agree everywhere.
-        all_rewards = acc.gather(rollout.rewards.to(acc.device)).cpu()
-        all_prompts = gather_object(rollout.prompts) if acc.num_processes > 1 else rollout.prompts
-        advantages = self.objective.advantages(ctx, all_prompts, all_rewards).float()
+        with self.phases("gather"):
+            all_rewards = acc.gather(rollout.rewards.to(acc.device)).cpu()
+            all_prompts = gather_object(rollout.prompts) if acc.num_processes > 1 else rollout.prompts
+            advantages = self.objective.advantages(ctx, all_prompts, all_rewards).float()
         if self.cfg.advantage.per_epoch:
             self.tracker.clear()
         n = len(rollout)
@@ -252,9 +258,10 @@ class Trainer:
     def evaluate(self, epoch: int) -> dict:
         """GenEval-shapes on the held-out prompts, sharded over all processes (each returns the scores)."""
         self.policy.net = self.policy.denoiser
-        return evaluate_geneval(self.policy, self.accelerator, self.eval_prompts, self.cfg.eval,
-                                self.cfg.sample.batch_size * 2, self.out / "eval" / f"epoch-{epoch:04d}",
-                                initial_latents=self.objective.initial_latents)
+        with self.phases("evaluate"):
+            return evaluate_geneval(self.policy, self.accelerator, self.eval_prompts, self.cfg.eval,
+                                    self.cfg.sample.batch_size * 2, self.out / "eval" / f"epoch-{epoch:04d}",
+                                    initial_latents=self.objective.initial_latents)
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self) -> list[dict]:
@@ -262,37 +269,58 @@ class Trainer:
         self.maybe_resume()
         if acc.log_with:
             acc.init_trackers("diffrl", config=flat_hparams(OmegaConf.to_container(cfg, resolve=True)))
+        # time: sampling + training (what train.max_minutes bounds); wall: everything, evaluation and waits included.
+        wall_start = time.perf_counter() - (self.history[-1].get("wall", 0.0) if self.history else 0.0)
+
+        def stamp(record: dict) -> dict:  # the phases' seconds since the last stamp, and the wall clock so far
+            record.update(self.phases.pop(), wall=time.perf_counter() - wall_start)
+            return record
+
         if self.start_epoch == 0 and self.evaluates and not self.history and cfg.eval.get("at_start", True):
-            self.history.append({"epoch": 0, "time": 0.0, **self.evaluate(0)})
+            self.history.append(stamp({"epoch": 0, "time": 0.0, **self.evaluate(0)}))
         elapsed = self.history[-1]["time"] if self.history else 0.0
-        bar = tqdm(range(self.start_epoch, cfg.train.epochs), initial=self.start_epoch, total=cfg.train.epochs,
-                   desc="epochs", disable=not acc.is_main_process)
-        for epoch in bar:
+        bar = self.progress_bar(elapsed)
+        for epoch in range(self.start_epoch, cfg.train.epochs):
             # The main process writes evaluation files and checkpoints while the others go on; without
             # this barrier they would count their wait for it as training time.
-            acc.wait_for_everyone()
-            started = time.time()
+            with self.phases("wait"):
+                acc.wait_for_everyone()
+            started = time.perf_counter()
             rollout, advantages, stats = self.collect(epoch)
-            stats.update(self.optimize(epoch, rollout, advantages))
-            elapsed += time.time() - started
+            with self.phases("optimize"):
+                stats.update(self.optimize(epoch, rollout, advantages))
+            elapsed += time.perf_counter() - started
             record = {"epoch": epoch + 1, "time": elapsed, **stats}
             stop = self.budget_spent(elapsed)
             last = epoch + 1 == cfg.train.epochs or stop
             if self.evaluates and (self.eval_due(epoch + 1, elapsed) or last):
                 with self.ema_weights():
                     record.update(self.evaluate(epoch + 1))
-            self.history.append(record)
+            self.history.append(stamp(record))
+            if (epoch + 1) % cfg.checkpoint.every == 0 or last:
+                with self.phases("checkpoint"):
+                    self.save(epoch + 1)
+                stamp(record)
             if acc.log_with:
                 acc.log({k: v for k, v in record.items() if isinstance(v, float)}, step=epoch + 1)
+            bar.update(min(elapsed / 60, bar.total) - bar.n if cfg.train.max_minutes else 1)
             if "reward_mean" in stats:
-                bar.set_postfix(reward=f"{stats['reward_mean']:.3f}")
-            if (epoch + 1) % cfg.checkpoint.every == 0 or last:
-                self.save(epoch + 1)
+                bar.set_postfix(epoch=epoch + 1, reward=f"{stats['reward_mean']:.3f}")
             if stop:
                 acc.print(f"training budget of {cfg.train.max_minutes} min spent after {epoch + 1} epochs")
                 break
+        bar.close()
         self.finish()
         return self.history
+
+    def progress_bar(self, elapsed: float) -> tqdm:
+        """Counts what bounds the run: training minutes under ``train.max_minutes``, else epochs."""
+        cfg, quiet = self.cfg, not self.accelerator.is_main_process
+        if cfg.train.max_minutes:
+            return tqdm(total=float(cfg.train.max_minutes), initial=min(elapsed / 60, cfg.train.max_minutes),
+                        desc="training", disable=quiet,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} min [{elapsed}{postfix}]")
+        return tqdm(total=cfg.train.epochs, initial=self.start_epoch, desc="epochs", disable=quiet)
 
     def eval_due(self, epoch: int, elapsed: float) -> bool:
         """Every ``eval.every`` epochs, or with ``eval.every_minutes`` each time training time passes a multiple."""
@@ -313,21 +341,29 @@ class Trainer:
         """What a model card says about this run: base, objective, reward, steps and the last evaluation."""
         cfg = self.cfg
         evaluated = [h for h in self.history if "geneval_overall" in h]
+        n = self.accelerator.num_processes
+        launcher = f"accelerate launch --num_processes {n} -m finetune.cli" if n > 1 else "diffrl"
         return {"base_model": cfg.model.path, "objective": OmegaConf.to_container(cfg.objective, resolve=True),
                 "reward": OmegaConf.to_container(cfg.reward, resolve=True) if not isinstance(cfg.reward, str)
                 else cfg.reward, "epochs": self.history[-1]["epoch"] if self.history else 0,
                 "optimizer_steps": self.global_step, "guidance_scale": cfg.model.guidance_scale,
-                "num_steps": cfg.eval.num_steps, "eval": [evaluated[0], evaluated[-1]] if evaluated else []}
+                "num_steps": cfg.eval.num_steps, "eval": [evaluated[0], evaluated[-1]] if evaluated else [],
+                "command": f"{launcher} train --config {self.out / 'config.yaml'}"}
 
     def finish(self) -> None:
         acc = self.accelerator
         if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(self.cfg, self.out / "config.yaml")  # the whole recipe: the model card's command reruns it
+            card = self.card()
             with self.ema_weights():
                 if self.objective.trains_denoiser and self.cfg.lora.enabled:
                     self.policy.save_lora(self.out / "lora")
+                    write_denoiser_card(self.out / "lora", card, lora=True)
                 elif self.objective.trains_denoiser:  # a complete pipeline folder that `from_pretrained` and --model load
                     save_pipeline(self.policy.pipe, self.out / "model")
-                self.objective.export(self.out, self.card())
+                    write_denoiser_card(self.out / "model", card, lora=False)
+                self.objective.export(self.out, card)
             (self.out / "history.json").write_text(json.dumps(self.history, indent=1) + "\n")
             plot_curves(self.history, self.out / "curves.png")
         acc.wait_for_everyone()

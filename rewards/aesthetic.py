@@ -37,6 +37,10 @@ class AestheticMLP(nn.Module):
 
 @register("aesthetic")
 class Aesthetic(CLIPReward):
+    """LAION aesthetic predictor v2 on CLIP ViT-L/14 image embeddings (1-10 scale; DDPO's aesthetic reward)."""
+
+    needs = "weights: the MLP file (weights=) and openai/clip-vit-large-patch14"
+
     def __init__(self, weights: str | None = None, clip: str = "openai/clip-vit-large-patch14",
                  processor: str | None = None, batch_size: int = 16, device=None, dtype=None):
         super().__init__(clip, processor, batch_size, device, dtype)

@@ -27,6 +27,7 @@ class Reward:
     # True: called with gradients enabled, ``scores`` keep their graph back to ``images``, so an
     # objective can backpropagate through the reward (CTRL). Other rewards' scores are constants.
     differentiable: bool = False
+    needs: str = ""  # what it needs beyond diffrl (weights, packages, a server), for `diffrl rewards list`
 
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> RewardOutput:
         raise NotImplementedError

@@ -18,6 +18,10 @@ from rewards.clip_common import CLIPReward
 
 @register("clipscore")
 class CLIPScore(CLIPReward):
+    """CLIPScore: 2.5 x max(cos(image, prompt), 0) with CLIP (Hessel et al. 2021)."""
+
+    needs = "weights: openai/clip-vit-large-patch14 (model=)"
+
     def __init__(self, model: str = "openai/clip-vit-large-patch14", processor: str | None = None,
                  scale: float = 2.5, prefix: str = "", batch_size: int = 16, device=None, dtype=None):
         super().__init__(model, processor, batch_size, device, dtype)

@@ -37,6 +37,10 @@ from rewards.base import Reward, RewardOutput, register, to_pil
 
 @register("geneval")
 class GenEvalReward(Reward):
+    """GenEval's official rules on a detector: 1 when the image satisfies the prompt; partial_credit: true/graded."""
+
+    needs = "nothing for shapes prompts (rule detector); backend=hf: Mask2Former + CLIP weights"
+
     def __init__(self, backend: str = "shapes", partial_credit: bool | str = False):
         if partial_credit not in (False, True, "graded"):
             raise ValueError(f"reward.partial_credit must be false, true or 'graded', not {partial_credit!r}")

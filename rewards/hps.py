@@ -40,6 +40,10 @@ def build_open_clip(arch: str):
 
 @register("hps")
 class HPSv2(ModelReward):
+    """HPSv2 / HPSv2.1 human-preference score (open_clip ViT-H-14)."""
+
+    needs = "open-clip-torch ([rewards] extra) and the HPS checkpoint (checkpoint=)"
+
     def __init__(self, checkpoint: str | None = None, arch: str = "ViT-H-14", scale: float = 1.0,
                  batch_size: int = 16, device=None, dtype=None):
         super().__init__(batch_size, device, dtype)

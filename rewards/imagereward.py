@@ -38,6 +38,10 @@ def load_imagereward(checkpoint: str, med_config: str | None, device: torch.devi
 
 @register("imagereward")
 class ImageRewardScore(ModelReward):
+    """ImageReward human-preference score (Xu et al. 2023)."""
+
+    needs = "the image-reward package and ImageReward-v1.0 weights"
+
     def __init__(self, checkpoint: str = "ImageReward-v1.0", med_config: str | None = None,
                  batch_size: int = 16, device=None, dtype=None):
         super().__init__(batch_size, device, dtype)

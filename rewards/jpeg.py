@@ -21,6 +21,8 @@ def jpeg_kilobytes(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
 
 @register("jpeg_compressibility")
 class JpegCompressibility(Reward):
+    """Minus the image's JPEG size in kB at quality 95 (DDPO's compressibility)."""
+
     def __call__(self, images, prompts, metadata):
         kb = jpeg_kilobytes(images)
         return RewardOutput(-kb, {"jpeg_kb": kb})
@@ -28,6 +30,8 @@ class JpegCompressibility(Reward):
 
 @register("jpeg_incompressibility")
 class JpegIncompressibility(Reward):
+    """The image's JPEG size in kB at quality 95 (DDPO's incompressibility)."""
+
     def __call__(self, images, prompts, metadata):
         kb = jpeg_kilobytes(images)
         return RewardOutput(kb, {"jpeg_kb": kb})

@@ -80,6 +80,8 @@ def target_text(prompt: str, metadata: dict | None = None) -> str:
 class OCRReward(ModelReward):
     """1 - clamped edit distance between the quoted text and what TrOCR reads (Flow-GRPO's OCR reward)."""
 
+    needs = "weights: microsoft/trocr-base-printed (model=)"
+
     def __init__(self, model: str = "microsoft/trocr-base-printed", processor: str | None = None,
                  max_new_tokens: int = 64, batch_size: int = 16, device=None, dtype=None):
         super().__init__(batch_size, device, dtype)

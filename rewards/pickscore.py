@@ -16,6 +16,10 @@ from rewards.clip_common import CLIPReward
 
 @register("pickscore")
 class PickScore(CLIPReward):
+    """PickScore: CLIP ViT-H preference score (Kirstain et al. 2023); model=shapes-clip on the shapes world."""
+
+    needs = "weights: yuvalkirstain/PickScore_v1 + the CLIP-ViT-H-14 processor, or the shipped shapes-clip"
+
     def __init__(self, model: str = "yuvalkirstain/PickScore_v1",
                  processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", batch_size: int = 16, device=None,
                  dtype=None):

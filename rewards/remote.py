@@ -1,6 +1,6 @@
 """Remote rewards: run a heavy reward model in another process or on another host.
 
-Server: ``diffrl reward serve --reward pickscore --port 8765`` (or ``serve(spec)`` from Python) builds
+Server: ``diffrl rewards serve --reward pickscore --port 8765`` (or ``serve(spec)`` from Python) builds
 the reward once and answers HTTP on 127.0.0.1. Client: the ``remote`` reward,
 ``reward={name: remote, url: http://127.0.0.1:8765}``, sends each batch there and returns the scores.
 
@@ -71,7 +71,8 @@ DTYPES = {"float32": np.dtype("<f4"), "uint8": np.dtype("u1")}
 DEFAULT_MAX_REQUEST_MB = 96
 DEFAULT_MAX_WORKERS = 8  # connections handled at once; the reward scores one batch at a time anyway
 DEFAULT_READ_TIMEOUT = 30.0  # seconds any single read from a client may stall
-LIMIT_OPTION = "diffrl reward serve --max-request-mb, or max_request_mb= of rewards.remote.serve()"  # how a server's owner raises the body limit
+# How a server's owner raises the body limit.
+LIMIT_OPTION = "diffrl rewards serve --max-request-mb, or max_request_mb= of rewards.remote.serve()"
 READ_CHUNK = 2**20  # the body is read this much at a time, never reserved up front from Content-Length
 MIN_BODY_RATE = 256 * 2**10  # bytes/s: a body may take read_timeout plus 1 s per this many bytes
 LINGER_SECONDS = 2.0  # after an early error answer, discard what the client still sends for this long
@@ -515,7 +516,9 @@ def serve(reward_spec, host: str = "127.0.0.1", port: int = 0, *, block: bool = 
 
 @register("remote")
 class RemoteReward(Reward):
-    """A reward served by `diffrl reward serve` in another process or on another host (url=)."""
+    """A reward served by `diffrl rewards serve` in another process or on another host (url=)."""
+
+    needs = "a running `diffrl rewards serve` (url=)"
 
     def __init__(self, url: str, timeout: float = 60.0, retries: int = 3, backoff: float = 1.0,
                  dtype: str = "float32"):
@@ -558,7 +561,7 @@ class RemoteReward(Reward):
             raise ConnectionError(
                 f"no answer from remote reward at {self.url} after {self.retries} attempt(s) "
                 f"(timeout {self.timeout:g} s each; last error: {failure}). Is the server running? Start it on "
-                f"that host with `diffrl reward serve --reward NAME --port {port}`, or fix the reward's url= "
+                f"that host with `diffrl rewards serve --reward NAME --port {port}`, or fix the reward's url= "
                 "(raise timeout= if batches are slow)")
         try:
             return json.loads(raw)

@@ -84,3 +84,32 @@ def test_category_grids_frame_correct_and_wrong_samples(tmp_path):
     assert first.size == (200 + 2 * 72, n_rows * 72)
     assert first.getpixel((201, 1)) == (200, 0, 0)  # the failed sample: red frame
     assert first.getpixel((200 + 72 + 1, 1)) == (0, 160, 0)  # its neighbour: green frame
+
+
+def test_comparison_grid_labels_columns_and_frames_each_verdict(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from eval import geneval
+    from eval.report import comparison_grid
+    from eval.shapes import grammar
+
+    records = [r for r in grammar.split("eval") if r["tag"] in ("counting", "colors")][:5]
+    grammar.write_jsonl(records, tmp_path / "m.jsonl")
+    for name in ("before", "after"):
+        main(["shapes", "render", "--metadata", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / name / "images"),
+              "--images-per-prompt", "2"])
+        rows = geneval.score_folder(tmp_path / name / "images", geneval.get_backend("shapes"), progress=False)
+        if name == "before":
+            rows[0]["correct"] = False  # the first sample of the first prompt failed before
+        (tmp_path / name / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = comparison_grid({"base": tmp_path / "before", "tuned": tmp_path / "after"}, tmp_path / "cmp.png",
+                          samples=2)
+    sheet = Image.open(out).convert("RGB")
+    size, block, pad = 64 * 2 + 8, 2 * (64 * 2 + 8), 12
+    assert sheet.size == (2 * block + pad, 22 + 2 * (size + 16))  # one prompt per task, two tasks
+    assert sheet.getpixel((1, 23)) == (200, 0, 0)  # before, first sample: red
+    assert sheet.getpixel((size + 1, 23)) == (0, 160, 0)
+    assert sheet.getpixel((block + pad + 1, 23)) == (0, 160, 0)  # after, same seed: green
+    assert min(sheet.crop((0, 0, 60, 20)).convert("L").getdata()) < 100  # a label is written on top

@@ -75,6 +75,11 @@ def test_eval_bad_input(setup, tmp_path, capsys):
     assert main(["eval", "geneval", "--model", str(setup / "model"), "--metadata", str(bad), "--out", str(tmp_path / "z")]) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
     assert main(["eval", "reward", "--reward", "nope", "--model", str(setup / "model"), "--prompts", str(bad)]) == 2
+    # A mistyped --model is named before anything loads (GenEval's prompts would call for the hub's detector).
+    assert main(["eval", "geneval", "--model", "shapes-sdd", "--out", str(tmp_path / "t")]) == 2
+    assert "model path 'shapes-sdd' does not exist" in capsys.readouterr().err
+    assert main(["eval", "reward", "--reward", "brightness", "--model", "/nonexistent"]) == 2
+    assert "model path '/nonexistent' does not exist" in capsys.readouterr().err
     # A detector that cannot load (offline, not cached) fails before any image is generated.
     assert main(geneval_args(setup, tmp_path / "w", "--backend", "hf")) == 2
     assert "pass a local path" in capsys.readouterr().err and not (tmp_path / "w" / "images").exists()

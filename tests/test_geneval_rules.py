@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from eval import geneval
 from eval.geneval import Detection
 from eval.shapes.grammar import read_jsonl
@@ -184,3 +186,38 @@ def test_overall_standard_error_matches_a_hand_computation():
     assert "Standard error of the overall score (image sampling): 0.20833" in geneval.format_summary(s)
     # Every prompt always right or always wrong: no sampling noise.
     assert geneval.summarize([dict(r, correct=True) for r in rows])["overall_se"] == 0.0
+
+
+def test_paired_standard_error_of_a_gain_matches_its_scatter():
+    import numpy as np
+
+    # Two tasks of 3 prompts x 8 seeds; per seed the base and the tuned model succeed jointly with
+    # the prompt's probabilities (most verdicts kept). The formula must match the gain's scatter
+    # over many independent evaluations, and be far below the two scores' errors combined.
+    rng = np.random.default_rng(0)
+    joint = [[0.5, 0.1, 0.05, 0.35], [0.2, 0.05, 0.15, 0.6], [0.7, 0.0, 0.1, 0.2]]  # p(00), p(10), p(01), p(11)
+    prompts = [(tag, k) for tag in ("A", "B") for k in range(3)]
+
+    def evaluation():
+        before, after = [], []
+        for n, (tag, k) in enumerate(prompts):
+            for j, outcome in enumerate(rng.choice(4, size=8, p=joint[k])):
+                row = {"tag": tag, "metadata": f"{tag}{k}", "filename": f"{n:05d}/samples/{j:04d}.png"}
+                before.append({**row, "correct": outcome in (1, 3)})
+                after.append({**row, "correct": outcome in (2, 3)})
+        return before, after
+
+    gains, errors, unpaired = [], [], []
+    for _ in range(2000):
+        before, after = evaluation()
+        gains.append(geneval.summarize(after)["overall"] - geneval.summarize(before)["overall"])
+        errors.append(geneval.paired_standard_error(before, after))
+        unpaired.append(np.hypot(geneval.summarize(after)["overall_se"], geneval.summarize(before)["overall_se"]))
+    assert np.sqrt(np.mean(np.square(errors))) == pytest.approx(np.std(gains), rel=0.05)
+    assert np.mean(errors) < 0.8 * np.mean(unpaired)
+    # With a base that is always wrong, the gain's error is the tuned model's own.
+    before, after = evaluation()
+    assert geneval.paired_standard_error([dict(r, correct=False) for r in before], after) == pytest.approx(
+        geneval.summarize(after)["overall_se"])
+    with pytest.raises(ValueError, match="the same images"):
+        geneval.paired_standard_error(before[:-1], after)

@@ -1,4 +1,4 @@
-"""Remote rewards: the HTTP server (rewards/remote.py, `diffrl reward serve`) and the `remote` client reward."""
+"""Remote rewards: the HTTP server (rewards/remote.py, `diffrl rewards serve`) and the `remote` client reward."""
 
 import json
 import os
@@ -92,7 +92,7 @@ def test_dead_server_raises_after_all_retries():
     with pytest.raises(ConnectionError) as err:
         client(*batch())
     message = str(err.value)
-    assert url in message and "3 attempt" in message and "diffrl reward serve --reward" in message
+    assert url in message and "3 attempt" in message and "diffrl rewards serve --reward" in message
     assert time.monotonic() - start < 5
 
 
@@ -126,7 +126,7 @@ def test_malformed_requests_get_400(server_for):
 
 def test_cli_reward_serve():
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "finetune.cli", "reward", "serve", "--reward", "brightness",
+    proc = subprocess.Popen([sys.executable, "-m", "finetune.cli", "rewards", "serve", "--reward", "brightness",
                              "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -138,7 +138,7 @@ def test_cli_reward_serve():
                 break
             except ConnectionError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"`diffrl reward serve` did not come up: {proc.communicate(timeout=5)[0]}")
+                    pytest.fail(f"`diffrl rewards serve` did not come up: {proc.communicate(timeout=5)[0]}")
                 time.sleep(0.2)
         images, prompts, metadata = batch()
         assert torch.allclose(client(images, prompts, metadata).scores, images.mean(dim=(1, 2, 3)), atol=1e-6)
@@ -176,7 +176,7 @@ def test_trainer_against_a_served_reward_then_the_server_dies(server_for, tmp_pa
     server.server_close()
     latest = tmp_path / "remote" / "checkpoints" / "latest"
     saved = latest.read_text()
-    with pytest.raises(ConnectionError, match="diffrl reward serve"):
+    with pytest.raises(ConnectionError, match="diffrl rewards serve"):
         Trainer(tiny_recipe(tmp_path / "model", tmp_path / "remote", remote_spec, 4)).train()
     # The run resumed at epoch 2, failed in epoch 3's rewards, and left epoch 2's checkpoint as the latest.
     assert latest.read_text() == saved == "checkpoint-2"

@@ -384,7 +384,8 @@ def test_cli_serve_help_states_the_servers_defaults():
     from finetune.cli import build_parser
     from rewards.remote import DEFAULT_MAX_REQUEST_MB, DEFAULT_MAX_WORKERS, DEFAULT_READ_TIMEOUT
 
-    serve = build_parser()._subparsers._group_actions[0].choices["reward"]._subparsers._group_actions[0].choices["serve"]
+    rewards = build_parser()._subparsers._group_actions[0].choices["rewards"]
+    serve = rewards._subparsers._group_actions[0].choices["serve"]
     helps = {a.dest: a.help for a in serve._actions}
     assert f"default {DEFAULT_MAX_REQUEST_MB:g} MiB" in helps["max_request_mb"]
     assert f"default {DEFAULT_MAX_WORKERS}" in helps["workers"] and f"default {DEFAULT_READ_TIMEOUT:g}" in helps["read_timeout"]

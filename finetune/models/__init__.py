@@ -35,10 +35,9 @@ def peek_family(model: str) -> str | None:
     the hub's retries. None when the answer needs a download.
     """
     import json
-    import os
     from pathlib import Path
 
-    from finetune.models.hub import resolve
+    from finetune.models.hub import cached_index, resolve
 
     location = resolve(model)
     index = Path(location) / "model_index.json"
@@ -47,13 +46,8 @@ def peek_family(model: str) -> str | None:
             raise FileNotFoundError(f"model.path {model!r}: {location} has no model_index.json; "
                                     "pass a diffusers pipeline folder (save_pretrained writes one)")
     else:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(location, "model_index.json")
-        if not isinstance(cached, str):
-            if os.environ.get("HF_HUB_OFFLINE") == "1":
-                raise FileNotFoundError(f"model.path {model!r} is not a local folder and not in the Hugging Face "
-                                        "cache, and HF_HUB_OFFLINE=1: download it first or pass a local folder")
+        cached = cached_index(location)  # offline, resolve has already refused a hub id that is not cached
+        if cached is None:
             return None
         index = Path(cached)
     name = json.loads(index.read_text()).get("_class_name")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -35,7 +36,26 @@ def resolve(name_or_path: str | os.PathLike) -> str:
         raise FileNotFoundError(
             f"model path {text!r} does not exist; pass a local diffusers folder, a hub id "
             f"(owner/name, needs the hub or its cache) or one of {', '.join(SHIPPED)}")
+    if offline() and cached_index(text) is None:  # fail now, not after the hub's retries
+        raise FileNotFoundError(
+            f"model {text!r} is not a local folder and not in the Hugging Face cache, and HF_HUB_OFFLINE=1: "
+            f"download it first, pass a local diffusers folder, or use one of {', '.join(SHIPPED)}")
     return text
+
+
+def offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it, also when set after the hub library was imported."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def cached_index(repo_id: str) -> str | None:
+    """The cached ``model_index.json`` of a hub id, or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, "model_index.json")
+    return cached if isinstance(cached, str) else None
 
 
 def load_pipeline(name_or_path: str, torch_dtype=None, lora: str | os.PathLike | None = None,
@@ -69,7 +89,8 @@ def load_pipeline(name_or_path: str, torch_dtype=None, lora: str | os.PathLike |
     if torch_dtype is not None:
         kwargs[dtype_keyword()] = torch_dtype
     try:
-        pipe = DiffusionPipeline.from_pretrained(location, **kwargs)
+        with quiet_loading():
+            pipe = DiffusionPipeline.from_pretrained(location, **kwargs)
     except OSError as err:
         if os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(err).lower():
             raise OSError(f"could not load {name_or_path!r} offline: {err}. Pass a local path "
@@ -80,6 +101,22 @@ def load_pipeline(name_or_path: str, torch_dtype=None, lora: str | os.PathLike |
     if lora is not None:
         load_lora(pipe, lora, condition)
     return pipe
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Without diffusers' and transformers' per-component loading bars (downloads keep theirs)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    enabled = [lib for lib in (diffusers_logging, transformers_logging) if lib.is_progress_bar_enabled()]
+    for lib in enabled:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib in enabled:
+            lib.enable_progress_bar()
 
 
 def dtype_keyword() -> str:

@@ -57,6 +57,7 @@ def weighted_log_prob(mse: torch.Tensor, t: torch.Tensor, weighting: str, power:
 
 
 class AWM(Objective):
+    paper = "Xue et al. 2025, AWM"
     needs = ("final",)
 
     def __init__(self, clip_range: float = 1.0, adv_clip_max: float = 5.0, advantage_max: float = 1.0,

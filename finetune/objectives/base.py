@@ -34,6 +34,7 @@ import torch
 
 class Objective:
     families: tuple[str, ...] = ("sd", "flow")
+    paper: str = ""  # the citation the README's objectives table shows
     needs: tuple[str, ...] = ("trajectory",)
     deterministic_rollouts = False  # True: rollouts use the ODE / DDIM eta=0 sampler
     uses_reward = True  # False: the trainer neither scores nor normalises (demonstrations, or CTRL's reward in loss)

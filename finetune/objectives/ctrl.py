@@ -46,6 +46,7 @@ from finetune.rollout import Rollout
 
 
 class CTRL(Objective):
+    paper = "Zhao et al. 2024, CTRL"
     families = ("sd",)
     needs = ()
     uses_reward = False  # the reward is differentiated inside ``loss``, not scored at rollout

@@ -27,6 +27,7 @@ from finetune.objectives.base import Objective, clipped_surrogate
 
 
 class DDPO(Objective):
+    paper = "Black et al. 2023, DDPO"
     needs = ("trajectory",)
 
     def __init__(self, clip_range: float = 1e-4, adv_clip_max: float = 5.0, kl_beta: float = 0.0):
@@ -69,6 +70,7 @@ class FlowGRPO(DDPO):
     DDPO draws a random subset per sample instead.
     """
 
+    paper = "Liu et al. 2025, Flow-GRPO"
     families = ("flow",)
 
     def __init__(self, clip_range: float = 1e-4, adv_clip_max: float = 5.0, kl_beta: float = 0.04):

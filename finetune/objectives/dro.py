@@ -58,6 +58,7 @@ def squared_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 class DRO(DemonstrationObjective):
+    paper = "Diffusion-DRO 2025"
     needs_reference = True
 
     def __init__(self, margin: float = 0.001, prompt_dropout: float = 0.2):

@@ -52,6 +52,7 @@ KEYS = ("features", "x_T", "old_log_prob", "rewards")
 
 
 class FIND(Objective):
+    paper = "Chen et al. 2024, FIND"
     needs = ()
     deterministic_rollouts = True
     trains_denoiser = False

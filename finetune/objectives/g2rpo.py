@@ -52,6 +52,7 @@ def ode_path(start: int, stride: int, T: int) -> list[int]:
 
 
 class G2RPO(FlowGRPO):
+    paper = "G²RPO 2025, Granular-GRPO"
     families = ("flow",)
     needs = ("branches",)
 

@@ -31,6 +31,8 @@ from finetune.objectives.ddpo import DDPO
 
 
 class LOOP(DDPO):
+    paper = "Gupta et al. 2025, LOOP"
+
     def __init__(self, clip_range: float = 1e-4, adv_clip_max: float = 5.0, kl_beta: float = 0.0,
                  std_normalize: bool = False):
         super().__init__(clip_range, adv_clip_max, kl_beta)

@@ -56,6 +56,7 @@ def adaptive_l2(x0_pred: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
 
 
 class DiffusionNFT(Objective):
+    paper = "Zheng et al. 2025, DiffusionNFT"
     needs = ("final",)
     deterministic_rollouts = True
 

@@ -70,6 +70,8 @@ class DemonstrationObjective(Objective):
 
 
 class SFT(DemonstrationObjective):
+    paper = "baseline: supervised fine-tuning"
+
     def __init__(self, prompt_dropout: float = 0.2, time_sampling: str | None = None):
         super().__init__(prompt_dropout)
         if time_sampling not in (None, *TIME_SAMPLINGS):

@@ -1,0 +1,1 @@
+"""``diffrl bench``: measurements that print ratios taken side by side in one run (not timed tests)."""
