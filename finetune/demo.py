@@ -78,25 +78,34 @@ def train_all(recipes: list[str], out: Path, minutes: float, overrides: list[str
     return runs
 
 
-def report(runs: dict[str, Path]) -> str:
-    """Per-category table (base, tuned, gain ± its paired standard error), labelled grids, curves."""
+def finished_run(run_dir: Path) -> dict:
+    """A finished run: its recipe, history, evaluations, the first and last evaluation folders and rows,
+    and the gain between them with its paired standard error."""
     from omegaconf import OmegaConf
 
+    from eval import geneval
+
+    history = json.loads((run_dir / "history.json").read_text())
+    evals = [h for h in history if "geneval_overall" in h]
+    folders = [run_dir / "eval" / f"epoch-{h['epoch']:04d}" for h in (evals[0], evals[-1])]
+    rows = [[json.loads(line) for line in (f / "results.jsonl").read_text().splitlines()] for f in folders]
+    return {"cfg": OmegaConf.load(run_dir / "config.yaml"), "history": history, "evals": evals, "folders": folders,
+            "rows": rows, "gain": evals[-1]["geneval_overall"] - evals[0]["geneval_overall"],
+            "gain_se": geneval.paired_standard_error(*rows)}
+
+
+def report(runs: dict[str, Path]) -> str:
+    """Per-category table (base, tuned, gain ± its paired standard error), labelled grids, curves."""
     from eval import geneval
     from eval.report import category_table, comparison_grid
 
     summaries, gains = {}, []
     for name, run_dir in runs.items():
-        cfg = OmegaConf.load(run_dir / "config.yaml")
-        evals = [h for h in json.loads((run_dir / "history.json").read_text()) if "geneval_overall" in h]
-        first, last = (run_dir / "eval" / f"epoch-{h['epoch']:04d}" for h in (evals[0], evals[-1]))
-        rows = [[json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
-                for folder in (first, last)]
+        r = finished_run(run_dir)
+        cfg, evals, (first, last), gain, se = r["cfg"], r["evals"], r["folders"], r["gain"], r["gain_se"]
         label = f"{cfg.objective.name}, {evals[-1]['epoch']} epochs"
-        summaries[f"{cfg.model.path} base"] = geneval.summarize(rows[0])
-        summaries[f"{cfg.model.path} + {label}"] = geneval.summarize(rows[1])
-        gain = evals[-1]["geneval_overall"] - evals[0]["geneval_overall"]
-        se = geneval.paired_standard_error(*rows)
+        summaries[f"{cfg.model.path} base"] = geneval.summarize(r["rows"][0])
+        summaries[f"{cfg.model.path} + {label}"] = geneval.summarize(r["rows"][1])
         z = f"{gain / se:+.1f}" if se else "-"
         gains.append(f"| {cfg.model.path} | {name} | {evals[0]['geneval_overall']:.3f} | "
                      f"{evals[-1]['geneval_overall']:.3f} | {gain:+.3f} ± {se:.3f} | {z} | "

@@ -30,25 +30,19 @@ START, END = "<!-- leaderboard:start -->", "<!-- leaderboard:end -->"
 
 def collect(runs: dict[str, Path]) -> list[dict]:
     """One entry per run: its model, guidance, every evaluation (seconds, score, s.e.) and the paired gain."""
-    from omegaconf import OmegaConf
-
-    from eval import geneval
+    from finetune.demo import finished_run
 
     entries = []
     for name, run_dir in runs.items():
-        cfg = OmegaConf.load(run_dir / "config.yaml")
-        history = json.loads((run_dir / "history.json").read_text())
-        evals = [h for h in history if "geneval_overall" in h]
-        rows = [[json.loads(line) for line in (run_dir / "eval" / f"epoch-{h['epoch']:04d}" / "results.jsonl")
-                 .read_text().splitlines()] for h in (evals[0], evals[-1])]
+        r = finished_run(run_dir)
+        cfg, last = r["cfg"], r["history"][-1]
         entries.append({
             "run": name, "objective": cfg.objective.name, "model": cfg.model.path,
             "guidance": cfg.eval.get("guidance_scale") or cfg.model.guidance_scale,
-            "epochs": history[-1]["epoch"], "seconds": history[-1]["time"],
+            "epochs": last["epoch"], "seconds": last["time"],
             "curve": [{"seconds": h["time"], "overall": h["geneval_overall"], "se": h["geneval_overall_se"]}
-                      for h in evals],
-            "gain": evals[-1]["geneval_overall"] - evals[0]["geneval_overall"],
-            "gain_se": geneval.paired_standard_error(*rows)})
+                      for h in r["evals"]],
+            "gain": r["gain"], "gain_se": r["gain_se"]})
     return entries
 
 
