@@ -29,6 +29,7 @@ def test_report_from_finished_runs_fills_the_readme_table(tmp_path, capsys):
     runs = tmp_path / "board" / "runs"
     fake_run(runs / "ddpo_shapes_sd", "ddpo", "shapes-sd", [[0, 0], [1, 0]], [[1, 1], [1, 0]])
     fake_run(runs / "nft_full_shapes_flow", "nft", "shapes-flow", [[0, 1], [0, 0]], [[0, 1], [0, 1]], guidance=4.0)
+    fake_run(runs / "nft_shapes_sd", "nft", "shapes-sd", [[0, 0], [0, 0]], [[1, 1], [0, 0]])  # nft has two recipes
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\nbefore\n{START}\nold table\n{END}\nafter\n")
     assert main(["bench", "objectives", "--report", "--objectives", "ddpo", "nft", "--out", str(tmp_path / "board"),
@@ -42,10 +43,12 @@ def test_report_from_finished_runs_fills_the_readme_table(tmp_path, capsys):
     assert page.startswith("# x\n\nbefore\n" + START) and page.endswith(END + "\nafter\n")
     assert "old table" not in page
     assert "| `ddpo` | Black et al. 2023, DDPO | sd, flow | `shapes-sd`: 0.250 → 0.750, **+0.500 ± 0.000** |" in page
-    assert "`shapes-flow`, guidance 4: 0.250 → 0.500" in page
+    # one row per objective, its recipes' results joined, sorted by model
+    assert ("`shapes-flow`, guidance 4: 0.250 → 0.500, **+0.250 ± 0.250**<br>`shapes-sd`: 0.000 → 0.500, "
+            "**+0.500 ± 0.000** |") in page
     assert page.count("not on the leaderboard yet") == 8  # every objective has a row
     entries = json.loads((tmp_path / "board" / "leaderboard.json").read_text())
-    assert [len(e["curve"]) for e in entries] == [2, 2]
+    assert [len(e["curve"]) for e in entries] == [2, 2, 2]
     assert (tmp_path / "board" / "leaderboard.png").stat().st_size > 0
 
 

@@ -12,18 +12,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# One CPU-sized recipe per objective, on the shipped model it is measured on.
+# CPU-sized recipes per objective, on the shipped models they are measured on (DiffusionNFT
+# trains both families: one recipe each).
 RECIPES = {
-    "ddpo": "configs/demo/ddpo_shapes_sd.yaml",
-    "loop": "configs/demo/loop_shapes_sd.yaml",
-    "flow_grpo": "configs/demo/flow_grpo_shapes_flow.yaml",
-    "g2rpo": "configs/demo/g2rpo_shapes_flow.yaml",
-    "nft": "configs/demo/nft_full_shapes_flow.yaml",
-    "awm": "configs/demo/awm_shapes_flow.yaml",
-    "dro": "configs/demo/dro_shapes_sd.yaml",
-    "sft": "configs/demo/sft_shapes_sd.yaml",
-    "find": "configs/demo/find_shapes_sd.yaml",
-    "ctrl": "configs/ctrl_shapes_sd.yaml",
+    "ddpo": ["configs/demo/ddpo_shapes_sd.yaml"],
+    "loop": ["configs/demo/loop_shapes_sd.yaml"],
+    "flow_grpo": ["configs/demo/flow_grpo_shapes_flow.yaml"],
+    "g2rpo": ["configs/demo/g2rpo_shapes_flow.yaml"],
+    "nft": ["configs/demo/nft_shapes_sd.yaml", "configs/demo/nft_full_shapes_flow.yaml"],
+    "awm": ["configs/demo/awm_shapes_flow.yaml"],
+    "dro": ["configs/demo/dro_shapes_sd.yaml"],
+    "sft": ["configs/demo/sft_shapes_sd.yaml"],
+    "find": ["configs/demo/find_shapes_sd.yaml"],
+    "ctrl": ["configs/ctrl_shapes_sd.yaml"],
 }
 START, END = "<!-- leaderboard:start -->", "<!-- leaderboard:end -->"
 
@@ -61,16 +62,18 @@ def readme_table(entries: list[dict]) -> str:
     """The README's objectives table: every objective, its paper and families, and its leaderboard result."""
     from finetune.objectives import OBJECTIVES, objective_class
 
-    by_name = {e["objective"]: e for e in entries}
+    by_name: dict[str, list[dict]] = {}
+    for e in sorted(entries, key=lambda e: e["model"]):
+        by_name.setdefault(e["objective"], []).append(e)
     lines = ["| `objective.name` | paper | families | shapes world: GenEval-shapes, same budget, gain ± paired s.e. |",
              "|---|---|---|---|"]
     for name in OBJECTIVES:
-        cls, e = objective_class(name), by_name.get(name)
-        result = "not on the leaderboard yet"
-        if e is not None:
+        cls, results = objective_class(name), []
+        for e in by_name.get(name, []):
             guidance = "" if e["guidance"] == 1 else f", guidance {e['guidance']:g}"
-            result = (f"`{e['model']}`{guidance}: {e['curve'][0]['overall']:.3f} → {e['curve'][-1]['overall']:.3f}, "
-                      f"**{e['gain']:+.3f} ± {e['gain_se']:.3f}**")
+            results.append(f"`{e['model']}`{guidance}: {e['curve'][0]['overall']:.3f} → "
+                           f"{e['curve'][-1]['overall']:.3f}, **{e['gain']:+.3f} ± {e['gain_se']:.3f}**")
+        result = "<br>".join(results) or "not on the leaderboard yet"
         lines.append(f"| `{name}` | {cls.paper} | {', '.join(cls.families)} | {result} |")
     return "\n".join(lines)
 
@@ -126,7 +129,7 @@ def run(objectives: list[str], out: Path, minutes: float, overrides: list[str], 
     unknown = [o for o in objectives if o not in RECIPES]
     if unknown:
         raise ValueError(f"--objectives: unknown {unknown}; the leaderboard has {', '.join(RECIPES)}")
-    recipes = [RECIPES[o] for o in objectives]
+    recipes = [recipe for o in objectives for recipe in RECIPES[o]]
     if not train:
         runs = {Path(r).stem: out / "runs" / Path(r).stem for r in recipes}
         missing = [str(d) for d in runs.values() if not (d / "history.json").is_file()]
