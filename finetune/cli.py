@@ -257,12 +257,15 @@ def cmd_bench_throughput(args) -> None:
 
 
 def cmd_bench_objectives(args) -> None:
-    from finetune.bench.objectives import RECIPES, run
+    from finetune.bench.objectives import RECIPES, rebuild, run
 
     overrides = [f"eval.images_per_prompt={args.images_per_prompt}", *args.overrides]
     readme = Path(args.readme) if args.readme else None
-    print(run(args.objectives or list(RECIPES), Path(args.out), args.minutes, overrides, readme, args.parallel,
-              train=not args.report))
+    if args.from_json:
+        print(rebuild(Path(args.from_json), Path(args.out), readme))
+    else:
+            print(run(args.objectives or list(RECIPES), Path(args.out), args.minutes, overrides, readme, args.parallel,
+                  train=not args.report))
     print(f"written to {args.out}/leaderboard.md, leaderboard.json and leaderboard.png")
 
 
@@ -405,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/leaderboard", help="leaderboard.{md,json,png}; the runs in OUT/runs")
     p.add_argument("--readme", help="also replace this README's objectives table (between the leaderboard markers)")
     p.add_argument("--report", action="store_true", help="only rebuild the tables from the runs already in OUT/runs")
+    p.add_argument("--from-json", metavar="FILE", help="only rebuild the tables and the PNG from a saved "
+                   "leaderboard.json (docs/leaderboard.json: the README's table)")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every recipe")
     p.set_defaults(func=cmd_bench_objectives)
 

@@ -41,7 +41,8 @@ def training_minutes(run_dir: Path) -> float:
         return 0.0
 
 
-def train_all(recipes: list[str], out: Path, minutes: float, overrides: list[str], parallel: int) -> dict[str, Path]:
+def train_all(recipes: list[str], out: Path, minutes: float, overrides: list[str], parallel: int,
+              desc: str = "demo") -> dict[str, Path]:
     """Train the recipes, ``parallel`` at a time, each in its own process; one bar counts training minutes."""
     runs = {Path(recipe).stem: out / Path(recipe).stem for recipe in recipes}
     for run_dir in runs.values():
@@ -49,7 +50,7 @@ def train_all(recipes: list[str], out: Path, minutes: float, overrides: list[str
     threads = max(1, (os.cpu_count() or 1) // parallel)
     queue = list(zip(recipes, runs.values()))
     running: dict[Path, tuple[subprocess.Popen, object]] = {}
-    bar = tqdm(total=minutes * len(recipes), desc="demo", mininterval=10,
+    bar = tqdm(total=minutes * len(recipes), desc=desc, mininterval=10,
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} training min [{elapsed}{postfix}]")
     while queue or running:
         while queue and len(running) < parallel:

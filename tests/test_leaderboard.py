@@ -25,6 +25,10 @@ def fake_run(folder, objective, model, before, after, guidance=1.0):
     (folder / "history.json").write_text(json.dumps(history))
 
 
+def table_block(page: str) -> str:
+    return page[page.index(START):page.index(END)]
+
+
 def test_report_from_finished_runs_fills_the_readme_table(tmp_path, capsys):
     runs = tmp_path / "board" / "runs"
     fake_run(runs / "ddpo_shapes_sd", "ddpo", "shapes-sd", [[0, 0], [1, 0]], [[1, 1], [1, 0]])
@@ -50,6 +54,12 @@ def test_report_from_finished_runs_fills_the_readme_table(tmp_path, capsys):
     entries = json.loads((tmp_path / "board" / "leaderboard.json").read_text())
     assert [len(e["curve"]) for e in entries] == [2, 2, 2]
     assert (tmp_path / "board" / "leaderboard.png").stat().st_size > 0
+    # the saved JSON alone rebuilds the same README table (the repository keeps docs/leaderboard.json)
+    readme.write_text(f"{START}\n{END}\n")
+    assert main(["bench", "objectives", "--from-json", str(tmp_path / "board" / "leaderboard.json"),
+                 "--out", str(tmp_path / "again"), "--readme", str(readme)]) == 0
+    assert table_block(readme.read_text()) == table_block(page)
+    assert (tmp_path / "again" / "leaderboard.md").read_text() == table
 
 
 def test_bad_input(tmp_path, capsys):

@@ -4,7 +4,8 @@ at the start, half way and at the end with the same seeds; the gain carries its 
 
 Writes ``leaderboard.json`` (every evaluation of every run), ``leaderboard.md`` (the table) and
 ``leaderboard.png`` (GenEval-shapes against training seconds, ± the image-sampling standard error),
-and with ``--readme`` replaces the table between the README's leaderboard markers.
+and with ``--readme`` replaces the table between the README's leaderboard markers; ``--from-json``
+rebuilds all of that from a saved ``leaderboard.json`` (the repository keeps ``docs/leaderboard.json``).
 """
 
 from __future__ import annotations
@@ -118,6 +119,11 @@ def replace_between_markers(readme: Path, text: str) -> None:
     readme.write_text(f"{head}{START}\n{text}\n{END}{rest.split(END, 1)[1]}")
 
 
+def rebuild(leaderboard_json: Path, out: Path, readme: Path | None = None) -> str:
+    """The table, the PNG and the README's table again from a saved ``leaderboard.json`` (no runs needed)."""
+    return write(json.loads(Path(leaderboard_json).read_text()), out, readme)
+
+
 def run(objectives: list[str], out: Path, minutes: float, overrides: list[str], readme: Path | None = None,
         parallel: int | None = None, train: bool = True) -> str:
     """Train each objective's recipe (``train=False``: only report the runs already in ``out/runs``)."""
@@ -138,5 +144,6 @@ def run(objectives: list[str], out: Path, minutes: float, overrides: list[str], 
         return write(collect(runs), out, readme)
     for recipe in recipes:  # bad overrides fail before anything trains
         load_config(recipe, overrides)
-    runs = train_all(recipes, out / "runs", minutes, overrides, parallel or min(len(recipes), os.cpu_count() or 1))
+    runs = train_all(recipes, out / "runs", minutes, overrides, parallel or min(len(recipes), os.cpu_count() or 1),
+                     desc="leaderboard")
     return write(collect(runs), out, readme)

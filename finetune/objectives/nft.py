@@ -18,7 +18,7 @@ so high-reward samples pull v_theta towards x0 and low-reward ones push it away,
 v_old. With D = t beta (v_theta - v_old) and e = x_t - t v_old - x0 (equal adaptive weights w),
 r l+ + (1 - r) l- = (|e|^2 + |D|^2 - 2 (2r - 1) e.D) / w: advantage-weighted flow matching
 plus a proximal term that pulls v_theta back to v_old, which is why several optimizer steps per
-epoch stay stable here while AWM, lacking it, drifts (README, head-to-head).
+epoch stay stable here while AWM, lacking it, drifts (docs/objectives.md).
 
 After each epoch the old policy follows theta softly:
 
