@@ -91,7 +91,8 @@ def plot(entries: list[dict], path: Path) -> None:
         for e in (e for e in entries if e["model"] == model):
             c = e["curve"]
             ax.errorbar([p["seconds"] for p in c], [p["overall"] for p in c], yerr=[p["se"] for p in c],
-                        marker="o", capsize=3, label=e["objective"])
+                        marker="o", capsize=3,
+                        label=e["objective"] + ("" if e["guidance"] == 1 else f", guidance {e['guidance']:g}"))
         ax.set(title=model, xlabel="training seconds", ylabel="GenEval-shapes overall (eval split)")
         ax.grid(alpha=0.3)
         ax.legend()
