@@ -264,7 +264,7 @@ def cmd_bench_objectives(args) -> None:
     if args.from_json:
         print(rebuild(Path(args.from_json), Path(args.out), readme))
     else:
-            print(run(args.objectives or list(RECIPES), Path(args.out), args.minutes, overrides, readme, args.parallel,
+        print(run(args.objectives or list(RECIPES), Path(args.out), args.minutes, overrides, readme, args.parallel,
                   train=not args.report))
     print(f"written to {args.out}/leaderboard.md, leaderboard.json and leaderboard.png")
 
