@@ -126,11 +126,13 @@ def cmd_train(args) -> None:
     from finetune.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
-    history = Trainer(cfg).train()
+    trainer = Trainer(cfg)
+    history = trainer.train()
+    say = trainer.accelerator.print  # once, not once per process
     evals = [h for h in history if "geneval_overall" in h]
     if len(evals) >= 2:
-        print(f"GenEval-shapes overall: {evals[0]['geneval_overall']:.3f} -> {evals[-1]['geneval_overall']:.3f}")
-    print(f"outputs in {cfg.output_dir}")
+        say(f"GenEval-shapes overall: {evals[0]['geneval_overall']:.3f} -> {evals[-1]['geneval_overall']:.3f}")
+    say(f"outputs in {cfg.output_dir}")
 
 
 def cmd_diagnose_snr(args) -> None:
